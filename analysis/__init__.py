@@ -1,0 +1,1 @@
+"""Predicted-vs-measured analysis and plots (installed as ``partime_sim.analysis``)."""

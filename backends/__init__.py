@@ -1,0 +1,1 @@
+"""Real execution of schedules with torch (installed as ``partime_sim.backends``)."""
