@@ -1,0 +1,273 @@
+"""``partime-sim`` command line: what-if timing studies from the shell.
+
+Every bad input ends in one line on stderr (``partime-sim: error: ...``) and exit status 2;
+``--json`` output goes to stdout alone (progress bars go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from partime_sim.errors import ConfigError, PartimeError
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where to look."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"partime-sim: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: device counts must be integers >= 1")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by simulate and sweep: what to run and on what."""
+    p.add_argument("--network", required=True, help="catalogue name (see 'partime-sim networks') or a Network JSON file")
+    p.add_argument("--schedule", required=True, help="schedule name (see 'partime-sim schedules') or a schedule text file")
+    p.add_argument("--samples", type=_positive_int, default=256, help="samples of the stream (microbatches) [256]")
+    p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe, zb-h1)")
+    p.add_argument("--mode", choices=("train", "infer"), default="train", help="training or inference [train]")
+    p.add_argument("--engine", choices=("fast", "des"), default="fast", help="timing engine [fast]")
+    p.add_argument("--cluster", default="ideal", help="cluster preset (see 'partime-sim clusters') or Cluster JSON [ideal]")
+    p.add_argument("--partition", default="minmax",
+                   help="minmax (exact), block (PARTIME's heuristic), even, or stage sizes like 10,10,10 [minmax]")
+    p.add_argument("--jitter", type=_non_negative_float, default=0.0, help="cost jitter, coefficient of variation [0]")
+    p.add_argument("--stragglers", type=_non_negative_float, default=0.0, help="probability a task straggles [0]")
+    p.add_argument("--straggler-factor", type=_non_negative_float, default=3.0, help="slow-down of a straggler [3]")
+    p.add_argument("--arrival-rate", type=_non_negative_float, default=None, help="stream rate in Hz (default: saturating)")
+    p.add_argument("--poisson", action="store_true", help="Poisson arrivals at --arrival-rate instead of a fixed rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of jitter, stragglers and Poisson arrivals [0]")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="partime-sim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("simulate", help="predict the timing of one pipeline configuration")
+    _add_study_args(p)
+    p.add_argument("--devices", type=_positive_int, required=True, help="devices = pipeline stages")
+    p.add_argument("--trace", type=Path, default=None, help="write the trace: .json = Chrome/Perfetto, .csv = table")
+
+    p = sub.add_parser("sweep", help="predict the timing over several device counts")
+    _add_study_args(p)
+    p.add_argument("--devices", type=_int_list, required=True, help="device counts, e.g. 1,2,4,8,...,1024")
+    p.add_argument("--plot", type=Path, default=None, help="write a speed-up vs devices figure (PNG)")
+
+    p = sub.add_parser("partition", help="compare the exact min-max partitioner with PARTIME's block heuristic")
+    p.add_argument("--network", required=True)
+    p.add_argument("--devices", type=_int_list, required=True, help="stage counts, e.g. 2,4,8")
+    p.add_argument("--cluster", default="ideal")
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("schedule", help="print a generated schedule in the compact text form")
+    p.add_argument("--schedule", required=True)
+    p.add_argument("--devices", type=_positive_int, required=True)
+    p.add_argument("--samples", type=_positive_int, default=8)
+    p.add_argument("--microbatches", type=_positive_int, default=None)
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+
+    p = sub.add_parser("networks", help="list the built-in networks")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("schedules", help="list the schedule generators")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("clusters", help="list the cluster presets")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job: a what-if study with a report directory")
+    p.add_argument("--out", type=Path, default=Path("partime-report"), help="report directory [partime-report]")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for tests)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PartimeError as exc:
+        print(f"partime-sim: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except BrokenPipeError:  # e.g. `partime-sim schedule ... | head`
+        return 0
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from partime_sim.study import StudyConfig, run_study
+
+    result = run_study(StudyConfig.from_args(args, args.devices), progress=not args.json)
+    if args.trace is not None:
+        _write_trace(result.trace, args.trace)
+    if args.json:
+        print(json.dumps(result.summary))
+    else:
+        _print_table([result.summary])
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from partime_sim.study import StudyConfig, run_study
+
+    rows = []
+    for devices in tqdm(args.devices, desc="sweep", unit="config", file=sys.stderr, disable=None):
+        rows.append(run_study(StudyConfig.from_args(args, devices)).summary)
+    if args.plot is not None:
+        from partime_sim.plots import plot_speedup
+
+        plot_speedup(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table(rows)
+        if args.plot is not None:
+            print(f"figure: {args.plot}")
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from partime_sim.catalogue import get_network
+    from partime_sim.cluster import load_cluster
+    from partime_sim.partition import compare_partitioners
+
+    network = get_network(args.network)
+    rows = []
+    for stages in args.devices:
+        report = compare_partitioners(network, load_cluster(args.cluster, stages), stages, mode=args.mode)
+        rows.append({"network": network.name, "devices": stages, **report})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from partime_sim.generators import generate
+
+    sched = generate(args.schedule, args.devices, args.samples, args.mode, microbatches=args.microbatches)
+    sys.stdout.write(sched.validate().to_text())
+    return 0
+
+
+def _networks(args: argparse.Namespace) -> int:
+    from partime_sim.catalogue import list_networks
+
+    rows = list_networks()
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table([{k: r[k] for k in ("name", "layers", "flops", "params", "input_shape")} for r in rows])
+    return 0
+
+
+def _schedules(args: argparse.Namespace) -> int:
+    from partime_sim.generators import SCHEDULES
+
+    rows = [{"name": k, "description": v} for k, v in SCHEDULES.items()]
+    print(json.dumps(rows)) if args.json else _print_table(rows)
+    return 0
+
+
+def _clusters(args: argparse.Namespace) -> int:
+    from partime_sim.cluster import PRESETS
+
+    rows = [{"name": k, "description": v} for k, v in PRESETS.items()]
+    print(json.dumps(rows)) if args.json else _print_table(rows)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from partime_sim.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+COMMANDS = {
+    "simulate": _simulate,
+    "sweep": _sweep,
+    "partition": _partition,
+    "schedule": _schedule,
+    "networks": _networks,
+    "schedules": _schedules,
+    "clusters": _clusters,
+    "demo": _demo,
+}
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def _write_trace(trace: Any, path: Path) -> None:
+    if path.suffix == ".json":
+        from partime_sim.perfetto import write_chrome_trace
+
+        write_chrome_trace(trace, path)
+    elif path.suffix == ".csv":
+        trace.to_csv(path, index=False)
+    else:
+        raise ConfigError(f"--trace {str(path)!r}: unknown format; end the name in .json (Perfetto) or .csv")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 4:
+            return f"[{_fmt(min(value))}..{_fmt(max(value))}]" if all(isinstance(v, (int, float)) for v in value) else "[...]"
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return "-" if value is None else str(value)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """Plain aligned table (no extra dependency); lists are shown as their range."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Figures of the timing studies (seaborn on a non-interactive backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+
+def plot_speedup(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Speed-up vs device count, one line per schedule, with the ideal (linear) line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = int(df["devices"].max())
+    ax.plot([1, top], [1, top], ls="--", color="grey", label="ideal")
+    sns.lineplot(data=df, x="devices", y="speedup", hue="schedule", marker="o", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("devices (pipeline stages)")
+    ax.set_ylabel("speed-up vs sequential")
+    network = ", ".join(sorted(set(df["network"])))
+    ax.set_title(f"{network}: predicted speed-up ({df['mode'].iloc[0]}, {int(df['samples'].iloc[0])} samples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
