@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from partime_sim.catalogue import REF_PEAK_FLOPS
 from partime_sim.errors import ConfigError
 from partime_sim.network import load_json
 
@@ -109,7 +110,8 @@ class Cluster:
             links = {}
             for row in data.get("links", []):
                 row = dict(row)
-                links[(int(row.pop("src")), int(row.pop("dst")))] = Link(**row)
+                key = (int(row.pop("src")), int(row.pop("dst")))  # pop before Link(**row) runs
+                links[key] = Link(**row)
             return cls(
                 name=data["name"],
                 devices=tuple(Device(**d) for d in data["devices"]),
@@ -135,3 +137,114 @@ class Cluster:
 def ideal_cluster(num_devices: int) -> Cluster:
     """Identical reference devices, zero-cost links: the analytic baseline."""
     return Cluster("ideal", tuple(Device(f"dev{i}") for i in range(num_devices)))
+
+
+# ---- presets ---------------------------------------------------------------------------
+# Speeds are fp32 peak FLOP/s relative to the reference device of catalogue.py (H100 SXM5):
+# the catalogue networks are mostly compute-bound on its roofline, so the compute ratio is
+# the one that matters; for memory-bound work use per-class costs (Network.class_costs).
+# Bandwidths are per direction; each directed device pair is its own link (switched fabric).
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Per-device figures of a homogeneous cluster; ``cluster_preset`` builds one of any size."""
+
+    description: str
+    kind: str
+    peak_flops: float
+    memory_bytes: float
+    link: Link
+    host_link: Link
+    copy_engines: int = 1
+
+    def build(self, name: str, num_devices: int) -> Cluster:
+        speed = self.peak_flops / REF_PEAK_FLOPS
+        devices = tuple(Device(f"{self.kind}:{i}", self.kind, speed, self.memory_bytes, self.copy_engines)
+                        for i in range(num_devices))
+        # dissemination barrier: ceil(log2 n) rounds of one message (Hensgen, Finkel & Manber 1988)
+        barrier_s = math.ceil(math.log2(num_devices)) * self.link.latency_s if num_devices > 1 else 0.0
+        return Cluster(name, devices, link=self.link, host_link=self.host_link, barrier_s=barrier_s)
+
+
+_PRESETS: dict[str, Preset] = {
+    "h100-nvlink": Preset(
+        "H100 SXM5 80GB (the reference device) in one NVLink 4 switch domain, PCIe Gen5 host link",
+        kind="h100-sxm",
+        peak_flops=REF_PEAK_FLOPS,  # NVIDIA H100 datasheet: FP32 67 TFLOPS (SXM5)
+        memory_bytes=80 * GiB,  # H100 datasheet: 80 GB HBM3
+        # H100 datasheet: NVLink 900 GB/s total = 450 GB/s each way (p2pBandwidthLatencyTest
+        # reaches ~376 GB/s, NVIDIA/nccl#1264); NCCL send/recv latency ~3 us (NVIDIA/nccl#1487)
+        link=Link(latency_s=3e-6, bandwidth_Bps=450e9),
+        # H100 datasheet: PCIe Gen5 128 GB/s = 64 GB/s each way; a copy's fixed cost is a few us
+        # (cuda-samples#230 p2pBandwidthLatencyTest: 2-7 us for host-involved copies)
+        host_link=Link(latency_s=5e-6, bandwidth_Bps=64e9),
+        copy_engines=2,  # CUDA guide, asyncEngineCount 2: one H2D and one D2H copy overlap compute
+    ),
+    "h100-pcie": Preset(
+        "H100 PCIe 80GB, GPU-to-GPU over PCIe Gen5 (no NVLink bridge)",
+        kind="h100-pcie",
+        peak_flops=51e12,  # NVIDIA H100 datasheet: FP32 51 TFLOPS (PCIe card)
+        memory_bytes=80 * GiB,  # H100 datasheet: 80 GB HBM2e
+        # PCIe Gen5 x16: 128 GB/s = 64 GB/s each way (H100 datasheet); peer latency between
+        # NVLink P2P (~2 us) and copies staged through the host (11-20 us), cuda-samples#230
+        link=Link(latency_s=10e-6, bandwidth_Bps=64e9),
+        host_link=Link(latency_s=5e-6, bandwidth_Bps=64e9),  # same PCIe Gen5 x16 slot
+        copy_engines=2,
+    ),
+    "a100-nvlink": Preset(
+        "A100 SXM4 80GB in one NVLink 3 switch domain (DGX/HGX A100), PCIe Gen4 host link",
+        kind="a100-sxm",
+        peak_flops=19.5e12,  # NVIDIA A100 datasheet: FP32 19.5 TFLOPS
+        memory_bytes=80 * GiB,  # A100 datasheet: 80 GB HBM2e
+        # A100 datasheet: NVLink 600 GB/s total = 300 GB/s each way; P2P write latency ~3 us
+        # on DGX-A100 (NVIDIA/nccl-tests#123)
+        link=Link(latency_s=3e-6, bandwidth_Bps=300e9),
+        host_link=Link(latency_s=5e-6, bandwidth_Bps=32e9),  # A100 datasheet: PCIe Gen4 64 GB/s = 32 each way
+        copy_engines=2,
+    ),
+    "cpu-gloo": Preset(
+        "one CPU core per stage, processes talking torch.distributed gloo over TCP loopback",
+        kind="cpu-core",
+        # one x86 core with 2 x 256-bit FMA pipes: 32 fp32 FLOP/cycle at ~3.1 GHz ~ 100 GFLOP/s;
+        # measured 101 GFLOP/s (1024^2 sgemm, torch 2.13, 1 thread, AMD EPYC Zen 4 KVM guest)
+        peak_flops=100e9,
+        memory_bytes=math.inf,  # host RAM is shared; set memory_bytes in a JSON cluster to cap it
+        # gloo send/recv ping-pong measured on the same 2-vCPU guest: ~220 us one-way for 4 B,
+        # ~4 GB/s for 16-64 MB (cf. pytorch/pytorch#8766: ~70 us p50 for 4 KB between local
+        # processes on bare metal; meta-pytorch/torchft#199: ~2.4 GB/s for 40 MB over gloo TCP)
+        link=Link(latency_s=200e-6, bandwidth_Bps=4e9),
+        host_link=Link(),  # inputs are already in host memory: no copy
+    ),
+}
+
+PRESETS: dict[str, str] = {
+    "ideal": "reference devices (H100 SXM5 roofline), zero-cost links and barriers: the analytic baseline",
+    **{name: p.description for name, p in _PRESETS.items()},
+}
+
+
+def cluster_preset(name: str, num_devices: int) -> Cluster:
+    """A named homogeneous cluster of ``num_devices`` devices (see ``PRESETS``)."""
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise ConfigError(f"num_devices={num_devices!r} is invalid; give an integer >= 1")
+    if name == "ideal":
+        return ideal_cluster(num_devices)
+    if name not in _PRESETS:
+        raise ConfigError(f"cluster preset {name!r} is unknown; use one of {', '.join(PRESETS)} or a cluster JSON file")
+    return _PRESETS[name].build(name, num_devices)
+
+
+def load_cluster(spec: str, num_devices: int) -> Cluster:
+    """A preset name, or a Cluster JSON file (``*.json``) with at least ``num_devices`` devices."""
+    spec = str(spec).strip()
+    if not spec.endswith(".json"):
+        return cluster_preset(spec, num_devices)
+    cluster = Cluster.load(spec)
+    if cluster.num_devices < num_devices:
+        raise ConfigError(
+            f"cluster file {spec!r} has {cluster.num_devices} devices but {num_devices} are needed; "
+            "add devices to the file or use fewer"
+        )
+    return cluster

@@ -1,0 +1,117 @@
+"""Clusters: presets, transfer times, JSON round-trip, heterogeneous devices, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from partime_sim.catalogue import get_network
+from partime_sim.cluster import (
+    PRESETS, Cluster, Device, Link, cluster_preset, ideal_cluster, load_cluster,
+)
+from partime_sim.errors import ConfigError
+
+
+def test_required_presets_exist_and_build_any_size():
+    assert {"ideal", "h100-nvlink", "h100-pcie", "a100-nvlink", "cpu-gloo"} <= set(PRESETS)
+    for name in PRESETS:
+        for n in (1, 3, 1024):
+            c = cluster_preset(name, n)
+            assert c.num_devices == n and len({d.name for d in c.devices}) == n
+            assert all(d.speed > 0 and d.memory_bytes > 0 for d in c.devices)
+
+
+def test_preset_speeds_are_ordered_like_the_datasheets():
+    speed = {n: cluster_preset(n, 1).devices[0].speed for n in PRESETS}
+    assert speed["ideal"] == speed["h100-nvlink"] == 1.0  # H100 SXM5 is the reference device
+    assert speed["cpu-gloo"] < speed["a100-nvlink"] < speed["h100-pcie"] < speed["h100-nvlink"]
+    assert speed["h100-pcie"] == pytest.approx(51 / 67)
+
+
+def test_transfer_time_is_latency_plus_bytes_over_bandwidth():
+    c = cluster_preset("h100-nvlink", 2)
+    nbytes = 32 * 256 * 256 * 4
+    assert c.transfer_time(0, 1, nbytes) == pytest.approx(3e-6 + nbytes / 450e9)
+    assert c.transfer_time(1, 1, nbytes) == 0.0
+    assert cluster_preset("h100-pcie", 2).transfer_time(0, 1, nbytes) > c.transfer_time(0, 1, nbytes)
+    ideal = cluster_preset("ideal", 4)
+    assert ideal == ideal_cluster(4) and ideal.transfer_time(0, 3, 1e12) == 0.0 and ideal.barrier_s == 0.0
+
+
+def test_barrier_grows_with_log2_devices():
+    lat = cluster_preset("cpu-gloo", 2).link.latency_s
+    assert cluster_preset("cpu-gloo", 1).barrier_s == 0.0
+    assert cluster_preset("cpu-gloo", 2).barrier_s == pytest.approx(lat)
+    assert cluster_preset("cpu-gloo", 5).barrier_s == pytest.approx(3 * lat)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_bad_device_count(n):
+    with pytest.raises(ConfigError, match=f"num_devices={n!r}"):
+        cluster_preset("h100-nvlink", n)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_cluster("tpu-v5", 2)
+    assert "'tpu-v5'" in str(err.value) and all(n in str(err.value) for n in PRESETS)
+
+
+def _hetero() -> Cluster:
+    devices = (Device("gpu0", "h100-sxm", 1.0, 80 * 2**30, 2), Device("gpu1", "h100-sxm", 2.0),
+               Device("cpu", "cpu-core", 0.01))
+    links = {(0, 1): Link(1e-6, 900e9, medium="nvswitch"), (1, 2): Link(5e-5, 4e9)}
+    return Cluster("hetero", devices, Link(1e-5, 64e9), links, host_link=Link(5e-6, 32e9), barrier_s=1e-5)
+
+
+def test_cluster_json_round_trip(tmp_path):
+    for cluster in (_hetero(), cluster_preset("cpu-gloo", 3), cluster_preset("ideal", 2)):
+        path = tmp_path / f"{cluster.name}.json"
+        cluster.save(path)
+        assert Cluster.load(path) == cluster
+        assert load_cluster(str(path), cluster.num_devices) == cluster
+    assert _hetero().link_resource(0, 1) == ("medium", "nvswitch")
+    assert _hetero().transfer_time(1, 2, 4e9) == pytest.approx(5e-5 + 1.0)
+    assert _hetero().transfer_time(2, 0, 64e9) == pytest.approx(1e-5 + 1.0)  # default link
+
+
+def test_load_cluster_file_errors(tmp_path):
+    path = tmp_path / "two.json"
+    cluster_preset("h100-pcie", 2).save(path)
+    with pytest.raises(ConfigError, match="has 2 devices but 4 are needed"):
+        load_cluster(str(path), 4)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_cluster(str(bad), 1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_cluster(str(tmp_path / "nope.json"), 1)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"name": "x", "devices": [{"nmae": "typo"}]}))
+    with pytest.raises(ConfigError, match="missing or has a bad field"):
+        load_cluster(str(wrong), 1)
+
+
+@pytest.mark.parametrize("make, shown", [
+    (lambda: Link(latency_s=-1e-6), "latency_s=-1e-06"),
+    (lambda: Link(bandwidth_Bps=0), "bandwidth_Bps=0"),
+    (lambda: Device("d", speed=-2.0), "speed=-2.0"),
+    (lambda: Cluster("c", (Device("d"),), links={(0, 5): Link()}), r"link \(0, 5\)"),
+])
+def test_bad_figures_name_the_value(make, shown):
+    with pytest.raises(ConfigError, match=shown):
+        make()
+
+
+def test_heterogeneous_devices_scale_or_override_network_costs():
+    net = get_network("partime-conv30")
+    cluster = _hetero()
+    fast = cluster.devices[1]
+    ref = net.costs(cluster.devices[0].kind, cluster.devices[0].speed)
+    assert np.allclose(net.costs(fast.kind, fast.speed), ref / 2)  # speed 2 halves every cost
+    measured = tuple((1e-3, 2e-3, 3e-3) for _ in net.layers)
+    profiled = type(net)(net.name, net.layers, net.input_bytes, {"cpu-core": measured})
+    cpu = cluster.devices[2]
+    assert np.array_equal(profiled.costs(cpu.kind, cpu.speed), np.array(measured))
+    assert math.isinf(cluster.devices[2].memory_bytes)
