@@ -227,10 +227,19 @@ class Schedule:
             )
 
     def _validate_unique_labels(self) -> None:
-        keys = np.stack([self.stage, self.kind, self.sample, self.tick]).astype(np.int64)
-        _, first, counts = np.unique(keys, axis=1, return_index=True, return_counts=True)
-        if np.any(counts > 1):
-            i = int(first[np.flatnonzero(counts > 1)[0]])
+        """(stage, kind, sample, tick) names a task uniquely: the text form relies on it."""
+        cols = [self.stage.astype(np.int64) + 1, self.kind.astype(np.int64), self.sample.astype(np.int64) + 1,
+                self.tick.astype(np.int64) - int(self.tick.min(initial=0))]
+        key = np.zeros(len(self), dtype=np.int64)
+        for col in cols:  # mixed-radix packing into one int64 (checked not to overflow)
+            radix = int(col.max(initial=0)) + 1
+            if int(key.max(initial=0)) >= (1 << 62) // radix:
+                raise ScheduleError(f"{self.name}: too large to check for duplicate tasks")
+            key = key * radix + col
+        order = np.argsort(key, kind="stable")
+        dup = np.flatnonzero(key[order[1:]] == key[order[:-1]])
+        if dup.size:
+            i = int(order[dup[0] + 1])
             raise ScheduleError(f"{self.name}: task {self.task_label(i)} appears more than once")
 
     # ---- text form ----------------------------------------------------------------------
@@ -340,6 +349,13 @@ def _lane_prev(device: np.ndarray, lane: np.ndarray) -> np.ndarray:
     return prev
 
 
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(lo[i], hi[i]) for all i, without a Python loop."""
+    counts = hi - lo
+    starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+    return starts + np.arange(int(counts.sum()))
+
+
 def _compute_waves(n: int, src: np.ndarray, dst: np.ndarray, prev: np.ndarray) -> np.ndarray:
     """Longest-path level of every task over deps + lane order (Kahn's algorithm, vectorised per level)."""
     has = prev >= 0
@@ -355,8 +371,7 @@ def _compute_waves(n: int, src: np.ndarray, dst: np.ndarray, prev: np.ndarray) -
     while frontier.size:
         wave[frontier] = level
         seen += frontier.size
-        lo, hi = ptr[frontier], ptr[frontier + 1]
-        nxt = succ[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])] if frontier.size else succ[:0]
+        nxt = succ[_ranges(ptr[frontier], ptr[frontier + 1])]
         np.subtract.at(indeg, nxt, 1)
         frontier = np.unique(nxt[indeg[nxt] == 0])
         level += 1

@@ -54,6 +54,7 @@ def make_trace(
             "source": pd.Categorical.from_codes(np.full(n, SOURCES.index(source), dtype=np.int8), SOURCES),
         },
         columns=list(TRACE_COLUMNS),
+        copy=False,  # 10^7-row traces: don't consolidate the columns into new blocks
     )
 
 
