@@ -75,7 +75,7 @@ def resolve_partition(spec: str, network: Network, cluster: Any, stages: int, mo
     if spec == "minmax":
         return partition_minmax(network, cluster, stages, mode=mode)
     if spec == "block":
-        return partition_block(network, stages)
+        return partition_block(network, stages, mode=mode)
     if spec == "even":
         return even_partition(network.num_layers, stages)
     try:
