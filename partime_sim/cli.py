@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from partime_sim.errors import ConfigError, PartimeError
+from partime_sim.errors import PartimeError
 
 USAGE_ERROR = 2
 
@@ -54,6 +54,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 must be > 0")
+    return value
+
+
+def _trace_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix not in (".json", ".csv"):
+        raise argparse.ArgumentTypeError(f"{text!r}: end the name in .json (Chrome/Perfetto) or .csv (table)")
+    return path
+
+
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by simulate and sweep: what to run and on what."""
     p.add_argument("--network", required=True, help="catalogue name (see 'partime-sim networks') or a Network JSON file")
@@ -68,7 +82,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jitter", type=_non_negative_float, default=0.0, help="cost jitter, coefficient of variation [0]")
     p.add_argument("--stragglers", type=_non_negative_float, default=0.0, help="probability a task straggles [0]")
     p.add_argument("--straggler-factor", type=_non_negative_float, default=3.0, help="slow-down of a straggler [3]")
-    p.add_argument("--arrival-rate", type=_non_negative_float, default=None, help="stream rate in Hz (default: saturating)")
+    p.add_argument("--arrival-rate", type=_positive_float, default=None, help="stream rate in Hz (default: saturating)")
     p.add_argument("--poisson", action="store_true", help="Poisson arrivals at --arrival-rate instead of a fixed rate")
     p.add_argument("--seed", type=int, default=0, help="seed of jitter, stragglers and Poisson arrivals [0]")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
@@ -81,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="predict the timing of one pipeline configuration")
     _add_study_args(p)
     p.add_argument("--devices", type=_positive_int, required=True, help="devices = pipeline stages")
-    p.add_argument("--trace", type=Path, default=None, help="write the trace: .json = Chrome/Perfetto, .csv = table")
+    p.add_argument("--trace", type=_trace_path, default=None, help="write the trace: .json = Chrome/Perfetto, .csv = table")
 
     p = sub.add_parser("sweep", help="predict the timing over several device counts")
     _add_study_args(p)
@@ -116,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "poisson", False) and args.arrival_rate is None:
+        parser.error("--poisson needs --arrival-rate HZ (the mean rate of the Poisson stream)")
     try:
         return COMMANDS[args.command](args)
     except PartimeError as exc:
@@ -241,10 +258,8 @@ def _write_trace(trace: Any, path: Path) -> None:
         from partime_sim.perfetto import write_chrome_trace
 
         write_chrome_trace(trace, path)
-    elif path.suffix == ".csv":
-        trace.to_csv(path, index=False)
     else:
-        raise ConfigError(f"--trace {str(path)!r}: unknown format; end the name in .json (Perfetto) or .csv")
+        trace.to_csv(path, index=False)
 
 
 def _fmt(value: Any) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from partime_sim.errors import ConfigError, ScheduleError
-from partime_sim.schedule import B, BARRIER, BI, BW, F, MODES, OPT, Schedule
+from partime_sim.schedule import B, BARRIER, BI, BW, F, MODES, OPT, Schedule, index_dtype
 
 SCHEDULES: dict[str, str] = {
     "sequential": "one device runs every stage in turn, per-sample SGD (the baseline)",
@@ -168,8 +168,8 @@ def _partime(name: str, S: int, N: int, mode: str, dev: np.ndarray, *, barrier: 
     lay = _PartimeLayout(S, N, mode == "train", barrier)
     n, n_edges = int(lay.off[-1]), int(lay.eoff[-1])
     cols = {c: np.empty(n, dtype=d) for c, d in zip(_COLS, _COL_DTYPES)}
-    src = np.empty(n_edges, dtype=np.int64)
-    dst = np.empty(n_edges, dtype=np.int64)
+    src = np.empty(n_edges, dtype=index_dtype(n))
+    dst = np.empty(n_edges, dtype=index_dtype(n))
     a, b = lay.steady() if fast else (0, 0)
     if b - a >= 3:  # ticks a, a+1 explicitly, then a+2..b-1 as shifted copies of tick a+1
         _partime_ticks(lay, dev, cols, src, dst, 0, a + 2)

@@ -40,6 +40,11 @@ _DTYPES = {"stage": np.int32, "kind": np.int8, "sample": np.int32, "tick": np.in
            "device": np.int32, "lane": np.int8, "wave": np.int32}
 
 
+def index_dtype(num_tasks: int) -> type:
+    """Task indices in dependency arrays: int32 while it fits (half the memory of 10^7-task graphs)."""
+    return np.int32 if num_tasks < np.iinfo(np.int32).max else np.int64
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A validated-on-demand task graph; build it with ``Schedule.build``."""
@@ -92,8 +97,8 @@ class Schedule:
         for c, arr in cols.items():
             if arr.shape != (n,):
                 raise ScheduleError(f"task column {c!r} has shape {arr.shape}, expected ({n},)")
-        src = np.asarray(dep_src, dtype=np.int64)
-        dst = np.asarray(dep_dst, dtype=np.int64)
+        src = np.asarray(dep_src, dtype=index_dtype(n))
+        dst = np.asarray(dep_dst, dtype=index_dtype(n))
         if src.shape != dst.shape:
             raise ScheduleError(f"dep_src has {src.size} entries but dep_dst {dst.size}; pair them up")
         if src.size and (src.min() < 0 or dst.min() < 0 or src.max() >= n or dst.max() >= n):
@@ -105,7 +110,7 @@ class Schedule:
             inverse[order] = np.arange(n)
             cols = {c: a[order] for c, a in cols.items()}
             cols["wave"] = wave[order].astype(np.int32)
-            src, dst = inverse[src], inverse[dst]
+            src, dst = inverse[src].astype(index_dtype(n)), inverse[dst].astype(index_dtype(n))
         else:
             cols["wave"] = np.asarray(tasks["wave"], dtype=np.int32)
         if dst.size > 1 and np.any(dst[1:] < dst[:-1]):

@@ -123,9 +123,12 @@ def _trace(schedule: Schedule, costs: TaskCosts, start: np.ndarray, end: np.ndar
            send_start: np.ndarray | None) -> pd.DataFrame:
     """Task rows in table order, then one SEND per transfer, one H2D and one D2H per sample."""
     s = schedule
-    send = s.dep_src[costs.transfer]  # a SEND row carries the labels of the task whose output moves
-    if send_start is None:
-        send_start = end[send]
+    # a SEND row per transfer that takes time (ideal links move nothing worth a row), with the
+    # labels of the task whose output moves
+    timed = costs.edge_time[costs.transfer] > 0
+    send = s.dep_src[costs.transfer][timed]
+    send_time = costs.edge_time[costs.transfer][timed]
+    send_start = end[send] if send_start is None else send_start[timed]
     h2d = _by_sample(s, (s.kind == F) & (s.stage == 0))
     d2h = _by_sample(s, (s.kind == F) & (s.stage == s.num_stages - 1))
     arrival = costs.arrival[s.sample[h2d]]
@@ -142,7 +145,7 @@ def _trace(schedule: Schedule, costs: TaskCosts, start: np.ndarray, end: np.ndar
         lane=codes(s.lane, SEND_LANE, COPY, COPY),
         kind=codes(s.kind, SEND, H2D, D2H),
         start=np.concatenate([start, send_start, arrival, end[d2h]]),
-        end=np.concatenate([end, send_start + costs.edge_time[costs.transfer], arrival + costs.h2d,
+        end=np.concatenate([end, send_start + send_time, arrival + costs.h2d,
                             end[d2h] + costs.d2h]),
         source="predicted",
     )

@@ -3,8 +3,8 @@
 One row per executed task: ``device, lane, stage, kind, sample, tick, start, end, source``
 (times in seconds from the run start). Besides the schedule's own tasks a trace holds:
 
-* ``SEND`` rows (lane ``send``, on the sending device) for every cross-device transfer,
-  with the stage/sample/tick of the task whose output is sent;
+* ``SEND`` rows (lane ``send``, on the sending device) for every cross-device transfer that
+  takes time (none on ideal links), with the stage/sample/tick of the task whose output is sent;
 * one ``H2D`` row per sample (lane ``copy``, device of stage 0): ``start`` is the sample's
   arrival, ``end`` when its input is on the device;
 * one ``D2H`` row per sample (lane ``copy``, device of the last stage): ends when the

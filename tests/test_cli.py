@@ -92,6 +92,10 @@ def test_partition_report_says_how_much_better(capsys):
          "nosuchpreset"),
         (["simulate", "--network", "uniform:4", "--schedule", "gpipe", "--devices", "0"], "0 must be >= 1"),
         (["sweep", "--network", "uniform:4", "--schedule", "gpipe", "--devices", "1,x"], "1,x"),
+        (["simulate", "--network", "uniform:4", "--schedule", "gpipe", "--devices", "2", "--poisson"], "--arrival-rate"),
+        (["simulate", "--network", "uniform:4", "--schedule", "gpipe", "--devices", "2", "--trace", "t.txt"], "t.txt"),
+        (["simulate", "--network", "uniform:4", "--schedule", "gpipe", "--devices", "2", "--arrival-rate", "0"],
+         "--arrival-rate"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
