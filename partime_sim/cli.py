@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_positive_int, default=None)
     p.add_argument("--mode", choices=("train", "infer"), default="train")
 
+    p = sub.add_parser("staleness", help="derive each stage's weight delay and gradient-signal staleness")
+    p.add_argument("--schedule", required=True,
+                   help="schedule name (see 'partime-sim schedules') or a schedule text file")
+    p.add_argument("--devices", type=_positive_int, required=True, help="devices = pipeline stages")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="samples of the stream (default 8*devices+16, enough for a steady state)")
+    p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe, zb-h1)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+
     p = sub.add_parser("networks", help="list the built-in networks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("schedules", help="list the schedule generators")
@@ -205,6 +214,22 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _staleness(args: argparse.Namespace) -> int:
+    from partime_sim.staleness import staleness_summary
+    from partime_sim.study import resolve_schedule
+
+    samples = args.samples if args.samples is not None else 8 * args.devices + 16
+    sched = resolve_schedule(args.schedule, args.devices, samples, "train", args.microbatches)
+    rows = staleness_summary(sched)
+    if args.json:
+        print(json.dumps({"schedule": args.schedule, "devices": args.devices, "stages": rows}))
+    else:
+        print(f"{sched.name} on {args.devices} devices, {sched.num_samples} samples: staleness per stage, median over "
+              "its gradients (weight_delay in updates, gradient_age in ticks, signal_mismatch in samples)")
+        _print_table(rows)
+    return 0
+
+
 def _networks(args: argparse.Namespace) -> int:
     from partime_sim.catalogue import list_networks
 
@@ -243,6 +268,7 @@ COMMANDS = {
     "sweep": _sweep,
     "partition": _partition,
     "schedule": _schedule,
+    "staleness": _staleness,
     "networks": _networks,
     "schedules": _schedules,
     "clusters": _clusters,
