@@ -116,7 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_positive_int, default=None)
     p.add_argument("--mode", choices=("train", "infer"), default="train")
 
-    p = sub.add_parser("staleness", help="derive each stage's weight delay and gradient-signal staleness")
+    p = sub.add_parser(
+        "staleness", help="derive each stage's weight delay and gradient-signal staleness",
+        description="Per stage, the steady-state staleness derived from the schedule (median over its gradients): "
+                    "weight_delay = updates between the weights a gradient was computed with and the weights it is "
+                    "applied to; gradient_age = the stage's own updates since the loss its gradient signal comes "
+                    "from was computed; signal_mismatch = samples between the activation and that loss's sample; "
+                    "gradient_age_ticks = the same age in the schedule's clock (PARTIME ticks, or unit-cost slots); "
+                    "max_weight_delay = the worst delay (past weight versions to keep); first_backward_tick = the "
+                    "end of the stage's warm-up.")
     p.add_argument("--schedule", required=True,
                    help="schedule name (see 'partime-sim schedules') or a schedule text file")
     p.add_argument("--devices", type=_positive_int, required=True, help="devices = pipeline stages")
@@ -225,7 +233,8 @@ def _staleness(args: argparse.Namespace) -> int:
         print(json.dumps({"schedule": args.schedule, "devices": args.devices, "stages": rows}))
     else:
         print(f"{sched.name} on {args.devices} devices, {sched.num_samples} samples: staleness per stage, median over "
-              "its gradients (weight_delay in updates, gradient_age in ticks, signal_mismatch in samples)")
+              "its gradients (weight_delay and gradient_age in updates, signal_mismatch in samples, "
+              "gradient_age_ticks in ticks)")
         _print_table(rows)
     return 0
 

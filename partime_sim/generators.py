@@ -36,7 +36,7 @@ SCHEDULES: dict[str, str] = {
     "1f1b": "PipeDream 1F1B: one forward one backward, update after every backward, weight stashing, no flush",
     "pipedream": "alias of 1f1b",
     "zb-h1": "zero-bubble ZB-H1 (Qi et al. 2024): BI/BW split, W passes fill the tail, flush per minibatch",
-    "layerpipe": "LayerPipe: BI/BW split, BI sent upstream at once, BW fills idle slots, update after every BW",
+    "layerpipe": "LayerPipe: 1F1B with BI/BW split, BI sent upstream at once, its BW next, update after every BW",
 }
 ALIASES = {"pipedream": "1f1b"}
 
@@ -79,7 +79,7 @@ def generate(
     if canon == "1f1b":
         stage, kind, sample, tick = _play_orders(*_orders_1f1b(S, N), S, N)
     else:  # layerpipe
-        stage, kind, sample, tick = _play_layerpipe(S, N)
+        stage, kind, sample, tick = _play_orders(*_orders_layerpipe(S, N), S, N)
     return _finish(canon, S, N, dev, stage, kind, sample, tick)
 
 
@@ -317,6 +317,30 @@ def _orders_1f1b(S: int, N: int) -> Orders:
     return _pad(rows)
 
 
+def _orders_layerpipe(S: int, N: int) -> Orders:
+    """LayerPipe: 1F1B's structure with the backward split. Stage k does min(S-k, N) warm-up
+    forwards, then BI, BW, OPT, F repeated, then the drain's BI, BW, OPT. BI comes first and its
+    input gradient goes upstream the moment it ends; the BW of the same microbatch follows at once
+    (before the next F) and every BW is applied by its own OPT (asynchronous, weight stashing).
+
+    What this reproduces of the paper (Unnikrishnan & Parhi, arXiv 2108.06629): the intra-layer
+    split (the gradient's critical path never waits for a BW: the upstream stage gets its cotangent
+    after BI instead of after BI+BW, which shortens fill and drain) and the delayed-gradient
+    updates, whose delays the staleness walker derives (stage k: S-1-k, as 1F1B). Not modelled as
+    tasks: running BI and BW on parallel hardware (here they share one compute lane) and the
+    inter-layer split of BI across two consecutive processors, which is load balancing left to
+    the partitioner.
+    """
+    rows = []
+    for k in range(S):
+        w = min(S - k, N)
+        j = np.arange(N)
+        kd, mb = _steady([(BI, j, j >= 0), (BW, j, j >= 0), (OPT, -np.ones_like(j), j >= 0),
+                          (F, w + j, w + j < N)])
+        rows.append((np.concatenate([np.full(w, F, np.int8), kd]), np.concatenate([np.arange(w), mb])))
+    return _pad(rows)
+
+
 def _orders_gpipe(S: int, M: int) -> Orders:
     """GPipe, one minibatch: all forwards, all backwards (microbatch order), one OPT."""
     row = (np.concatenate([np.full(M, F), np.full(M, B), [OPT]]).astype(np.int8),
@@ -397,54 +421,6 @@ def _play_orders(kinds: np.ndarray, mbs: np.ndarray, S: int, N: int) -> tuple[np
         f_end[rows[go & is_f], m[go & is_f]] = t + 1
         b_end[rows[go & is_b], m[go & is_b]] = t + 1
         ptr[go] += 1
-        t += 1
-    return rec.arrays()
-
-
-def _play_layerpipe(S: int, N: int) -> tuple[np.ndarray, ...]:
-    """LayerPipe on the unit-cost timeline, greedy per slot with priority BI > F > BW: the input
-    gradient goes upstream the moment it can, forwards keep the pipe full (at most S-k in flight
-    on stage k, PipeDream's memory bound) and weight gradients take the slots left idle. An OPT
-    follows every BW (delayed-gradient updates, no flush).
-
-    What this reproduces of the paper: the intra-layer split (BI and BW are separate tasks and
-    the gradient's critical path never waits for a BW) and the delayed-gradient updates, whose
-    delays are then derived from the schedule. Not modelled as tasks: running BI and BW on
-    parallel hardware (here they share one compute lane) and the inter-layer split of BI across
-    two consecutive processors, which is load balancing left to the partitioner.
-    """
-    rows = np.arange(S)
-    up, down = np.maximum(rows - 1, 0), np.minimum(rows + 1, S - 1)
-    never = np.iinfo(np.int64).max
-    f_end = np.full((S, N), never)
-    bi_end = np.full((S, N), never)
-    nf = np.zeros(S, dtype=np.int64)
-    nbi = np.zeros(S, dtype=np.int64)
-    nbw = np.zeros(S, dtype=np.int64)
-    limit = S - rows
-    opt_due = np.zeros(S, dtype=bool)
-    rec = _Recorder()
-    t = 0
-    while True:
-        rec.add(rows[opt_due], OPT, -1, t)
-        if np.all(nbw == N):
-            break
-        jb = np.minimum(nbi, N - 1)
-        jf = np.minimum(nf, N - 1)
-        do_bi = (nbi < nf) & ((rows == S - 1) | (bi_end[down, jb] <= t))
-        do_f = ~do_bi & (nf < N) & (nf - nbi < limit) & ((rows == 0) | (f_end[up, jf] <= t))
-        do_w = ~do_bi & ~do_f & (nbw < nbi)
-        if not (do_bi.any() or do_f.any() or do_w.any()):
-            raise ScheduleError(f"layerpipe stalls at slot {t}; this is a bug in the generator")
-        rec.add(rows[do_bi], BI, nbi[do_bi], t)
-        rec.add(rows[do_f], F, nf[do_f], t)
-        rec.add(rows[do_w], BW, nbw[do_w], t)
-        bi_end[rows[do_bi], nbi[do_bi]] = t + 1
-        f_end[rows[do_f], nf[do_f]] = t + 1
-        nbi += do_bi
-        nf += do_f
-        nbw += do_w
-        opt_due = do_w
         t += 1
     return rec.arrays()
 

@@ -17,11 +17,17 @@ Rules (DESIGN.md, "Staleness" and "Exact learning semantics"):
   on (the dependency edge, not the sample index: PARTIME's tick t takes stage k+1's gradient of
   tick t-1, a different sample); a BW reuses its BI's. Following those edges ends at a last-stage
   backward, which differentiates the loss of its own sample: the ``signal_sample``.
-  ``signal_mismatch = sample - signal_sample`` (samples between the activation and the loss),
-  ``gradient_age = tick - loss tick`` in the schedule's own clock (PARTIME ticks, or unit-cost
-  slots for the microbatch schedules), and ``gradient_age_updates`` counts the stage's own
-  updates in that window (the stage's OPTs from the loss tick on that precede the backward):
-  backprop latency that no update interleaves (sequential, gpipe) shows up in ticks only.
+  ``signal_mismatch = sample - signal_sample`` (samples between the activation and the loss).
+* **Gradient age** (in the stage's own updates): ``gradient_age`` = the stage's weight version
+  when the backward runs minus the version it held while the loss task ran, i.e. the stage's
+  OPTs issued after the loss task (in the schedule's wave order, its global clock) and before the
+  backward. PARTIME's lockstep ticks give S-1-k; a flushed schedule (gpipe, zb-h1) and sequential
+  give 0 (no update between a loss and its backprop). For the asynchronous microbatch schedules
+  (1f1b, layerpipe) it counts the updates that fit in the backprop latency on the unit-cost
+  timeline, so it depends on that clock; ``weight_delay`` is the clock-free measure there.
+  ``gradient_age_ticks = tick - loss tick`` is the same age in the schedule's own clock (PARTIME
+  ticks, or unit-cost slots for the microbatch schedules): backprop latency that no update
+  interleaves (sequential, gpipe) shows up there only.
 
 ``staleness_table`` gives one row per backward task; ``staleness_summary`` one steady-state row per
 stage. Everything is vectorised: 64 stages x 10^4 samples of partime take a fraction of a second.
@@ -38,8 +44,8 @@ from partime_sim.errors import ConfigError, ScheduleError
 from partime_sim.schedule import B, BACKWARD_KINDS, BI, BW, F, KINDS, OPT, Schedule
 
 TABLE_COLUMNS = ("stage", "kind", "sample", "tick", "weight_version", "current_version", "applied_version",
-                 "weight_delay", "signal_sample", "gradient_age", "gradient_age_updates", "signal_mismatch")
-SUMMARY_KEYS = ("stage", "weight_delay", "gradient_age", "signal_mismatch", "gradient_age_updates",
+                 "weight_delay", "signal_sample", "gradient_age", "gradient_age_ticks", "signal_mismatch")
+SUMMARY_KEYS = ("stage", "weight_delay", "gradient_age", "signal_mismatch", "gradient_age_ticks",
                 "max_weight_delay", "first_backward_tick")
 _GRADIENT_KINDS = (B, BW)  # the tasks whose weight gradient an OPT applies
 
@@ -70,8 +76,8 @@ def staleness_table(schedule: Schedule) -> pd.DataFrame:
         "applied_version": pd.arrays.IntegerArray(applied, opt < 0),
         "weight_delay": pd.arrays.IntegerArray(applied - used, opt < 0),
         "signal_sample": s.sample[root].astype(np.int64),
-        "gradient_age": tick - loss_tick,
-        "gradient_age_updates": version[back] - _opts_before_tick(s, stage, loss_tick),
+        "gradient_age": version[back] - _opts_before_wave(s, stage, s.wave[root].astype(np.int64)),
+        "gradient_age_ticks": tick - loss_tick,
         "signal_mismatch": sample - s.sample[root],
     })
 
@@ -93,7 +99,7 @@ def staleness_summary(schedule: Schedule) -> list[dict[str, Any]]:
     first = table.groupby("stage")["tick"].min()
     grads = table[table["kind"].isin([KINDS[k] for k in _GRADIENT_KINDS])]
     stats = {c: _per_stage(grads, c, "median") for c in ("weight_delay", "gradient_age", "signal_mismatch",
-                                                         "gradient_age_updates")}
+                                                         "gradient_age_ticks")}
     stats["max_weight_delay"] = _per_stage(grads, "weight_delay", "max")
     stats["first_backward_tick"] = {int(k): int(v) for k, v in first.items()}
     return [{"stage": k, **{c: v.get(k) for c, v in stats.items()}} for k in range(schedule.num_stages)]
@@ -202,14 +208,14 @@ def _signal_root(s: Schedule, back: np.ndarray) -> np.ndarray:
         up = further
 
 
-def _opts_before_tick(s: Schedule, stage: np.ndarray, tick: np.ndarray) -> np.ndarray:
-    """Per query: how many OPTs of ``stage`` have a tick before ``tick`` (ticks of the schedule)."""
+def _opts_before_wave(s: Schedule, stage: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """Per query: how many OPTs of ``stage`` lie in a wave before ``wave`` (the version that stage
+    holds while a task of that wave runs; waves order every task of the schedule in time)."""
     opt = np.flatnonzero(s.kind == OPT)
-    t0 = int(s.tick.min(initial=0))
-    span = int(s.tick.max(initial=0)) - t0 + 1  # (stage, tick) packed into one sortable key
-    key = np.sort(s.stage[opt].astype(np.int64) * span + (s.tick[opt] - t0))
+    span = int(s.wave.max(initial=0)) + 1  # (stage, wave) packed into one sortable key
+    key = np.sort(s.stage[opt].astype(np.int64) * span + s.wave[opt])
     base = stage.astype(np.int64) * span
-    return np.searchsorted(key, base + (tick - t0)) - np.searchsorted(key, base)
+    return np.searchsorted(key, base + wave) - np.searchsorted(key, base)
 
 
 def _per_stage(table: pd.DataFrame, column: str, how: str) -> dict[int, int]:

@@ -170,14 +170,39 @@ def test_split_backward_dependencies():
     assert deps_of(s, find(s, 1, BW, 2)) == [bi]
 
 
-def test_layerpipe_sends_bi_at_once_and_updates_after_every_bw():
-    s = generate("layerpipe", 4, 12)
+def test_layerpipe_is_1f1b_with_the_backward_split_bi_first():
+    s = generate("layerpipe", 4, 6)
+    # min(S-k, N) warm-up forwards, then BI, BW (same microbatch, before the next F), OPT
+    assert tasks(s, stage=0) == ["F0", "F1", "F2", "F3", "BI0", "BW0", "OPT", "F4", "BI1", "BW1", "OPT", "F5",
+                                 "BI2", "BW2", "OPT", "BI3", "BW3", "OPT", "BI4", "BW4", "OPT", "BI5", "BW5", "OPT"]
+    assert tasks(s, stage=3) == ["F0", "BI0", "BW0", "OPT", "F1", "BI1", "BW1", "OPT", "F2", "BI2", "BW2", "OPT",
+                                 "F3", "BI3", "BW3", "OPT", "F4", "BI4", "BW4", "OPT", "F5", "BI5", "BW5", "OPT"]
+    assert tasks(generate("layerpipe", 4, 2), stage=0) == ["F0", "F1", "BI0", "BW0", "OPT", "BI1", "BW1", "OPT"]
+    # 1F1B's order exactly, with every B split into BI, BW
     for k in range(4):
-        order = tasks(s, stage=k)
-        assert order.count("OPT") == 12
-        assert all(order[i + 1] == "OPT" for i, t in enumerate(order) if t.startswith("BW"))
-    # the last stage computes BI right after each forward: the gradient never waits for a BW
-    assert tasks(s, stage=3)[:4] == ["F0", "BI0", "F1", "BI1"]
+        split = [t.replace("B", "BI", 1) + " " + t.replace("B", "BW", 1) if t.startswith("B") else t
+                 for t in tasks(generate("1f1b", 4, 6), stage=k)]
+        assert " ".join(split).split() == tasks(s, stage=k)
+
+
+def test_layerpipe_sends_the_input_gradient_upstream_after_bi():
+    s = generate("layerpipe", 3, 5)
+    bi = find(s, 1, BI, 2)
+    # the upstream stage waits for BI only, never for a BW; each BW is applied by its own OPT
+    assert sorted(deps_of(s, bi)) == sorted([find(s, 1, F, 2), find(s, 2, BI, 2)])
+    bw = find(s, 1, BW, 2)
+    assert deps_of(s, bw) == [bi]
+    for k in range(3):
+        opts = np.flatnonzero((s.kind == OPT) & (s.stage == k))
+        assert [s.sample[deps_of(s, i)].tolist() for i in opts] == [[m] for m in range(5)]
+
+
+def test_layerpipe_with_one_stage_is_sequential_with_the_backward_split():
+    lp = generate("layerpipe", 1, 4)
+    seq = [t for x in tasks(generate("sequential", 1, 4)) for t in ((x.replace("B", "BI"), x.replace("B", "BW"))
+                                                                      if x.startswith("B") else (x,))]
+    assert tasks(lp) == seq == ["F0", "BI0", "BW0", "OPT", "F1", "BI1", "BW1", "OPT", "F2", "BI2", "BW2", "OPT",
+                                "F3", "BI3", "BW3", "OPT"]
 
 
 # ---- partime ---------------------------------------------------------------------------------
@@ -266,10 +291,23 @@ def test_zero_bubble_h1_flushes_between_minibatches():
     assert makespan_and_busy(generate("zb-h1", S, 3 * M, microbatches=M))[0] == 3 * one
 
 
-@pytest.mark.parametrize("S, N", [(2, 8), (4, 8), (4, 32), (8, 64)])
-def test_layerpipe_fills_the_bubbles_with_weight_gradients(S, N):
-    idle = idle_per_device(generate("layerpipe", S, N))
-    assert idle == [S - 1] * S  # as low as ZB-H1, without a flush
+@pytest.mark.parametrize("S, N", [(1, 5), (2, 8), (4, 8), (4, 32), (8, 64), (5, 3)])
+def test_layerpipe_idles_less_than_1f1b(S, N):
+    # 1F1B idles (S-1)(T_F + T_BI + T_BW) per device; LayerPipe sends the gradient upstream
+    # after BI, so its fill/drain critical path loses the BWs: (S-1)(T_F + T_BI)
+    lp, f1b1 = generate("layerpipe", S, N), generate("1f1b", S, N)
+    assert idle_per_device(lp) == [2 * (S - 1)] * S
+    assert idle_per_device(f1b1) == [3 * (S - 1)] * S
+    assert makespan_and_busy(lp)[0] == 3 * N + 2 * (S - 1) <= makespan_and_busy(f1b1)[0]
+
+
+@pytest.mark.parametrize("cost", [dict(F=2, BI=2, BW=1), dict(F=3, BI=2, BW=1), dict(F=1, BI=2, BW=1),
+                                  dict(F=1, BI=1, BW=3)])
+def test_layerpipe_idle_for_unequal_costs(cost):
+    S, N = 4, 9
+    cost = {**UNIFORM, **cost, "B": cost["BI"] + cost["BW"]}
+    assert idle_per_device(generate("layerpipe", S, N), cost) == [(S - 1) * (cost["F"] + cost["BI"])] * S
+    assert idle_per_device(generate("1f1b", S, N), cost) == [(S - 1) * (cost["F"] + cost["B"])] * S
 
 
 @pytest.mark.parametrize("name", ["partime", "partime-async"])

@@ -46,12 +46,16 @@ def test_partime_gradient_is_s_minus_1_minus_k_ticks_old_and_2_s_minus_1_minus_k
     # every backward task, warm-up and drain included, not just the summary
     assert (table["kind"] == "B").all()
     assert (table["weight_delay"] == 0).all()
-    np.testing.assert_array_equal(table["gradient_age"], S - 1 - k)
+    np.testing.assert_array_equal(table["gradient_age_ticks"], S - 1 - k)
+    # in updates: one per tick, except that stage k makes none before its first backward, so its
+    # j-th backward (sample 2(S-1-k)+j) has seen only min(j, S-1-k) of them since its loss
+    j = table["sample"].to_numpy() - 2 * (S - 1 - k)
+    np.testing.assert_array_equal(table["gradient_age"], np.minimum(j, S - 1 - k))
     np.testing.assert_array_equal(table["signal_mismatch"], 2 * (S - 1 - k))
     np.testing.assert_array_equal(table["signal_sample"], table["sample"] - 2 * (S - 1 - k))
     summary = staleness_summary(sched)
     assert column(summary, "weight_delay") == [0] * S
-    assert column(summary, "gradient_age") == descending(S)
+    assert column(summary, "gradient_age") == column(summary, "gradient_age_ticks") == descending(S)
     assert column(summary, "signal_mismatch") == descending(S, 2)
     assert column(summary, "first_backward_tick") == [2 * S - 2 - k for k in range(S)]  # the warm-up
 
@@ -70,6 +74,10 @@ def test_1f1b_stage_k_has_weight_delay_s_minus_1_minus_k(S):
     assert column(summary, "weight_delay") == descending(S)
     assert column(summary, "max_weight_delay") == descending(S)
     assert column(summary, "signal_mismatch") == [0] * S
+    # on the unit-cost timeline the cotangent comes down one slot per stage while stage k updates
+    # every other slot (F, B): floor((S-1-k)/2) of its updates fall between the loss and its B
+    assert column(summary, "gradient_age_ticks") == descending(S)
+    assert column(summary, "gradient_age") == [(S - 1 - k) // 2 for k in range(S)]
 
 
 @pytest.mark.parametrize("microbatches", [None, 4])
@@ -78,15 +86,16 @@ def test_gpipe_has_no_weight_delay_and_no_mismatch(S, microbatches):
     sched = generate("gpipe", S, samples_for(S), microbatches=microbatches)
     table = staleness_table(sched)
     assert (table["weight_delay"] == 0).all() and (table["signal_mismatch"] == 0).all()
-    assert (table["gradient_age_updates"] == 0).all()  # no update between a loss and its backprop
+    assert (table["gradient_age"] == 0).all()  # no update between a loss and its backprop
     # in ticks, the backward pass takes one unit slot per stage to come down
-    np.testing.assert_array_equal(table["gradient_age"], S - 1 - table["stage"])
+    np.testing.assert_array_equal(table["gradient_age_ticks"], S - 1 - table["stage"])
     # one OPT per minibatch, applied to the version every forward of the minibatch used
     minibatch = table["sample"] // (microbatches or samples_for(S))
     np.testing.assert_array_equal(table["weight_version"], minibatch)
     summary = staleness_summary(sched)
     assert column(summary, "weight_delay") == column(summary, "signal_mismatch") == [0] * S
-    assert column(summary, "gradient_age") == descending(S)
+    assert column(summary, "gradient_age") == [0] * S
+    assert column(summary, "gradient_age_ticks") == descending(S)
 
 
 @pytest.mark.parametrize("S", STAGES)
@@ -94,9 +103,11 @@ def test_sequential_is_plain_sgd(S):
     sched = generate("sequential", S, 12)
     table = staleness_table(sched)
     assert (table["weight_delay"] == 0).all() and (table["signal_mismatch"] == 0).all()
-    assert (table["gradient_age_updates"] == 0).all()
+    assert (table["gradient_age"] == 0).all()
     np.testing.assert_array_equal(table["weight_version"], table["sample"])  # one update per sample
-    assert column(staleness_summary(sched), "gradient_age") == descending(S)  # backprop latency, in slots
+    summary = staleness_summary(sched)
+    assert column(summary, "gradient_age") == [0] * S
+    assert column(summary, "gradient_age_ticks") == descending(S)  # backprop latency, in slots
 
 
 def test_weight_versions_count_the_stage_s_own_updates_in_lane_order():
@@ -118,30 +129,52 @@ def test_zb_h1_is_synchronous_and_its_w_passes_lag(S):
     assert (grads(table)["weight_delay"] == 0).all()  # flushed: one update per minibatch
     assert table.loc[table["kind"] == "BI", "weight_delay"].isna().all()  # an input gradient is not applied
     assert (table["signal_mismatch"] == 0).all()
+    assert (table["gradient_age"] == 0).all()  # flushed: no update between a loss and its backprop
     summary = staleness_summary(sched)
-    assert column(summary, "weight_delay") == [0] * S
+    assert column(summary, "weight_delay") == column(summary, "gradient_age") == [0] * S
     assert column(summary, "first_backward_tick") == [2 * S - 1 - k for k in range(S)]
     # the BW of stage k runs k steps after its BI (ZB-H1's deferred W), so its signal is older
     # than the plain backprop latency S-1-k: 2S-1 + k slots in the steady state
-    assert column(summary, "gradient_age") == ([1] if S == 1 else [2 * S - 1 + k for k in range(S)])
+    assert column(summary, "gradient_age_ticks") == ([1] if S == 1 else [2 * S - 1 + k for k in range(S)])
 
 
 def test_zb_h1_and_layerpipe_values_for_4_stages():
     """Pins the values the walker derives at S=4, 48 samples (reported in the issue)."""
     zb = staleness_summary(generate("zb-h1", 4, 48))
-    assert [(r["weight_delay"], r["gradient_age"], r["signal_mismatch"]) for r in zb] == \
-        [(0, 7, 0), (0, 8, 0), (0, 9, 0), (0, 10, 0)]
-    table = staleness_table(generate("layerpipe", 4, 48))
-    bw = table[table["kind"] == "BW"]
-    # layerpipe's generator gives BW only the slots BI and F leave idle, and in the steady state
-    # there are none: every BW waits for the drain, so every forward runs on version 0 and the
-    # gradient of sample m is applied after m updates (no steady state; delay grows with the stream)
-    assert (bw["weight_version"] == 0).all()
-    np.testing.assert_array_equal(bw["weight_delay"], bw["sample"])
-    assert (table["signal_mismatch"] == 0).all()
+    assert [(r["weight_delay"], r["gradient_age"], r["gradient_age_ticks"], r["signal_mismatch"]) for r in zb] == \
+        [(0, 0, 7, 0), (0, 0, 8, 0), (0, 0, 9, 0), (0, 0, 10, 0)]
     lp = staleness_summary(generate("layerpipe", 4, 48))
-    assert [(r["weight_delay"], r["max_weight_delay"], r["gradient_age"]) for r in lp] == [(23, 47, 71)] * 4
-    assert lp[0]["weight_delay"] > 0  # asynchronous: delayed gradients on the early stages
+    assert [(r["weight_delay"], r["max_weight_delay"], r["gradient_age"], r["gradient_age_ticks"],
+             r["signal_mismatch"]) for r in lp] == [(3, 3, 1, 4, 0), (2, 2, 1, 3, 0), (1, 1, 0, 2, 0), (0, 0, 0, 1, 0)]
+
+
+@pytest.mark.parametrize("S", STAGES)
+def test_layerpipe_has_1f1b_weight_delay_that_does_not_grow_with_the_stream(S):
+    sched = generate("layerpipe", S, samples_for(S))
+    table = staleness_table(sched)
+    bw = grads(table)
+    assert (bw["kind"] == "BW").all()
+    k, m = bw["stage"].to_numpy(), bw["sample"].to_numpy()
+    # stage k forwards sample m after m-(S-1-k) updates (its warm-up of S-k forwards, then one
+    # update per BW before the next F) and applies its gradient after m: delay S-1-k, like 1F1B
+    np.testing.assert_array_equal(bw["weight_delay"], np.minimum(m, S - 1 - k))
+    assert (table["signal_mismatch"] == 0).all()
+    # the BW runs right after its BI: one slot older signal; stage k updates every third slot
+    # (F, BI, BW), so floor((S-k)/3) of its updates fall between the loss and the BW
+    np.testing.assert_array_equal(table.loc[table["kind"] == "BI", "gradient_age_ticks"],
+                                  S - 1 - table.loc[table["kind"] == "BI", "stage"])
+    summary = staleness_summary(sched)
+    assert column(summary, "weight_delay") == column(summary, "max_weight_delay") == descending(S)
+    assert column(summary, "gradient_age_ticks") == [S - k for k in range(S)]
+    assert column(summary, "gradient_age") == [(S - k) // 3 for k in range(S)]
+    longer = staleness_summary(generate("layerpipe", S, 10 * samples_for(S)))
+    assert longer == summary  # a steady state: the same values (maxima included) on a 10x longer stream
+
+
+def test_layerpipe_with_one_stage_is_plain_sgd():
+    table = staleness_table(generate("layerpipe", 1, 10))
+    assert (table["weight_delay"].dropna() == 0).all() and (table["gradient_age"] == 0).all()
+    np.testing.assert_array_equal(table["weight_version"], table["sample"])  # one update per sample
 
 
 def test_an_imported_torch_order_gets_its_staleness_from_the_same_walk():
@@ -149,7 +182,8 @@ def test_an_imported_torch_order_gets_its_staleness_from_the_same_walk():
     sched = from_pipeline_order(order, num_stages=2, num_microbatches=2)
     table = staleness_table(sched)
     assert table[["stage", "sample", "tick"]].values.tolist() == [[1, 0, 2], [0, 0, 3], [1, 1, 4], [0, 1, 5]]
-    assert table["gradient_age"].tolist() == [0, 1, 0, 1]
+    assert table["gradient_age_ticks"].tolist() == [0, 1, 0, 1]
+    assert (table["gradient_age"] == 0).all()  # no update before the end
     assert (table["weight_delay"] == 0).all()  # torch steps once, after the whole schedule
 
 
@@ -173,13 +207,15 @@ def test_hand_built_schedule_matches_the_values_worked_out_by_hand():
     # stage 1 forwards both samples before its first update (1F1 is stale by one update when
     # 1B1 is applied); stage 0 backprops sample 1 with the cotangent of sample 0
     table = staleness_table(Schedule.from_text(HAND).validate()).set_index(["stage", "sample"])
-    expect = {  # weight_version, current_version, applied_version, weight_delay, signal_sample, age, mismatch
-        (1, 0): (0, 0, 0, 0, 0, 0, 0),
-        (1, 1): (0, 1, 1, 1, 1, 0, 0),
-        (0, 1): (0, 0, 0, 0, 0, 1, 1),
+    # (stage 0 makes no update before 0B1, so its signal is one tick but no update old)
+    expect = {  # weight_version, current_version, applied_version, weight_delay, signal_sample,
+        #         age in updates, age in ticks, mismatch
+        (1, 0): (0, 0, 0, 0, 0, 0, 0, 0),
+        (1, 1): (0, 1, 1, 1, 1, 0, 0, 0),
+        (0, 1): (0, 0, 0, 0, 0, 0, 1, 1),
     }
     cols = ["weight_version", "current_version", "applied_version", "weight_delay", "signal_sample",
-            "gradient_age", "signal_mismatch"]
+            "gradient_age", "gradient_age_ticks", "signal_mismatch"]
     assert {key: tuple(int(v) for v in table.loc[key, cols]) for key in expect} == expect
 
 
@@ -192,7 +228,8 @@ def test_table_has_one_row_per_backward_task_and_the_documented_columns():
     bi = table[table["kind"] == "BI"].set_index(["stage", "sample"])
     # a BW reuses the cotangent its BI consumed: same signal, later tick
     assert (bw["signal_sample"] == bi.loc[bw.index, "signal_sample"]).all()
-    assert (bw["gradient_age"] >= bi.loc[bw.index, "gradient_age"]).all()
+    for age in ("gradient_age", "gradient_age_ticks"):
+        assert (bw[age] >= bi.loc[bw.index, age]).all()
     assert all(tuple(r) == SUMMARY_KEYS for r in staleness_summary(sched))
 
 
@@ -241,7 +278,14 @@ def test_cli_json_gives_the_steady_state_per_stage(capsys):
     assert [(s["stage"], s["weight_delay"], s["gradient_age"], s["signal_mismatch"]) for s in report["stages"]] == \
         [(0, 0, 3, 6), (1, 0, 2, 4), (2, 0, 1, 2), (3, 0, 0, 0)]
     code, out, _ = run_cli(capsys, "staleness", "--schedule", "pipedream", "--devices", "3", "--json")
-    assert [s["weight_delay"] for s in json.loads(out)["stages"]] == [2, 1, 0]
+    assert [(s["weight_delay"], s["gradient_age"], s["signal_mismatch"]) for s in json.loads(out)["stages"]] == \
+        [(2, 1, 0), (1, 0, 0), (0, 0, 0)]
+    for name in ("gpipe", "sequential", "zb-h1"):  # synchronous: every key zero, ages in ticks aside
+        code, out, _ = run_cli(capsys, "staleness", "--schedule", name, "--devices", "4", "--json")
+        stages = json.loads(out)["stages"]
+        assert [(s["weight_delay"], s["gradient_age"], s["signal_mismatch"]) for s in stages] == [(0, 0, 0)] * 4
+    code, out, _ = run_cli(capsys, "staleness", "--schedule", "partime-async", "--devices", "4", "--json")
+    assert [s["gradient_age"] for s in json.loads(out)["stages"]] == [3, 2, 1, 0]
 
 
 def test_cli_table_and_options(capsys):
@@ -250,7 +294,8 @@ def test_cli_table_and_options(capsys):
     lines = out.splitlines()
     assert "32 samples" in lines[0]  # default 8*2+16
     assert lines[1].split()[:4] == ["stage", "weight_delay", "gradient_age", "signal_mismatch"]
-    assert [line.split()[:4] for line in lines[2:]] == [["0", "0", "1", "0"], ["1", "0", "0", "0"]]
+    assert lines[1].split()[4] == "gradient_age_ticks"
+    assert [line.split()[:5] for line in lines[2:]] == [["0", "0", "0", "0", "1"], ["1", "0", "0", "0", "0"]]
 
 
 def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
