@@ -133,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe, zb-h1)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
+    p = sub.add_parser("emulate", help="predict what a schedule's staleness does to learning (emulated, no devices)")
+    p.add_argument("--network", required=True, help="a trainable network: mlp, lenet or uniform:L")
+    p.add_argument("--schedule", required=True, help="schedule name (see 'partime-sim schedules')")
+    p.add_argument("--devices", type=_positive_int, required=True, help="devices = pipeline stages")
+    p.add_argument("--samples", type=_positive_int, default=2000, help="samples of the stream [2000]")
+    p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe, zb-h1)")
+    p.add_argument("--stream", default="shapes", help="shapes (smooth, default), drift, or shuffled:NAME")
+    p.add_argument("--optimizer", default="sgd", help="sgd, momentum or adam [sgd]")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate [sgd 0.03, momentum 0.01, adam 1e-3]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stream and the initial weights [0]")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="run K seeds (seed..seed+K-1) [1]")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--impl", choices=("jax", "torch"), default="jax", help="JAX emulator or the torch reference [jax]")
+    p.add_argument("--vs-sequential", action="store_true", help="also train sequentially and report the loss gap")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", type=Path, default=None, help="write the learning curves (PNG)")
+
     p = sub.add_parser("networks", help="list the built-in networks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("schedules", help="list the schedule generators")
@@ -239,6 +256,34 @@ def _staleness(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_LR = {"sgd": 0.03, "momentum": 0.01, "adam": 1e-3}
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from partime_sim.learning import EmulateConfig, emulate, emulate_vs_sequential
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.01)
+    cfg = EmulateConfig(args.network, args.schedule, args.devices, samples=args.samples, stream=args.stream,
+                        optimizer=args.optimizer, lr=lr, seed=args.seed, seeds=args.seeds, dtype=args.dtype,
+                        impl=args.impl, microbatches=args.microbatches)
+    rows = emulate_vs_sequential(cfg) if args.vs_sequential else emulate(cfg)
+    if args.plot is not None:
+        from partime_sim.plots import plot_learning
+
+        plot_learning(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        shown = ("schedule", "devices", "stream", "seed", "final_loss", "mean_loss_last_10pct", "online_accuracy")
+        extra = ("loss_gap_last_10pct",) if args.vs_sequential else ()
+        _print_table([{k: r[k] for k in shown + extra} for r in rows])
+        if args.vs_sequential:
+            ref = rows[0]["sequential"]
+            print(f"sequential: mean_loss_last_10pct {ref['mean_loss_last_10pct']:.4g}, "
+                  f"online_accuracy {_fmt(ref['online_accuracy'])}")
+    return 0
+
+
 def _networks(args: argparse.Namespace) -> int:
     from partime_sim.catalogue import list_networks
 
@@ -278,6 +323,7 @@ COMMANDS = {
     "partition": _partition,
     "schedule": _schedule,
     "staleness": _staleness,
+    "emulate": _emulate,
     "networks": _networks,
     "schedules": _schedules,
     "clusters": _clusters,

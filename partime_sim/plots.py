@@ -31,3 +31,29 @@ def plot_speedup(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_learning(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Online loss along the stream (bin means of ``loss_curve``), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    frames = []
+    for row in rows:
+        curve = row["loss_curve"]
+        step = row["samples"] / len(curve)
+        label = f"{row['schedule']} S={row['devices']} seed {row['seed']}"
+        frames.append(pd.DataFrame({"sample": (pd.RangeIndex(len(curve)) + 0.5) * step, "loss": curve, "run": label}))
+    df = pd.concat(frames)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=df, x="sample", y="loss", hue="run", ax=ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("sample of the stream")
+    ax.set_ylabel("online loss (bin mean)")
+    ax.set_title(f"{rows[0]['network']} on stream '{rows[0]['stream']}' ({rows[0]['optimizer']}, lr {rows[0]['lr']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

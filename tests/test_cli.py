@@ -129,3 +129,41 @@ def test_bad_files_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+LEARN_KEYS = {"final_loss", "mean_loss_last_10pct", "online_accuracy", "loss_curve"}
+
+
+def test_emulate_json_same_numbers_from_both_implementations(capsys):
+    base = ["emulate", "--network", "mlp", "--schedule", "partime", "--devices", "4", "--samples", "120",
+            "--dtype", "float64", "--json"]
+    code, out_torch, _ = run_cli(capsys, *base, "--impl", "torch")
+    code2, out_jax, _ = run_cli(capsys, *base, "--impl", "jax")
+    assert code == code2 == 0
+    (row_t,), (row_j,) = json.loads(out_torch), json.loads(out_jax)
+    assert LEARN_KEYS <= row_t.keys() and len(row_t["loss_curve"]) == 100
+    assert row_j["final_loss"] == pytest.approx(row_t["final_loss"], rel=1e-9)
+    assert row_j["online_accuracy"] == row_t["online_accuracy"]
+
+
+def test_emulate_seeds_and_gap_to_sequential(capsys, tmp_path):
+    png = tmp_path / "learn.png"
+    code, out, _ = run_cli(capsys, "emulate", "--network", "mlp", "--schedule", "1f1b", "--devices", "2",
+                           "--samples", "80", "--seeds", "2", "--vs-sequential", "--json", "--plot", str(png))
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["final_loss"] != rows[1]["final_loss"]  # other seed: other stream and weights
+    assert rows[0]["loss_gap_last_10pct"] == pytest.approx(
+        rows[0]["mean_loss_last_10pct"] - rows[0]["sequential"]["mean_loss_last_10pct"])
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--optimizer", "rmsprop", "rmsprop"),
+                                                 ("--stream", "nosuchstream", "nosuchstream"),
+                                                 ("--network", "resnet152", "resnet152")])
+def test_emulate_bad_names_are_one_line_errors(capsys, flag, value, needle):
+    argv = {"--network": "mlp", "--schedule": "partime", "--devices": "2", "--samples": "10"}
+    argv[flag] = value
+    code, _, err = run_cli(capsys, "emulate", *[a for kv in argv.items() for a in kv])
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
