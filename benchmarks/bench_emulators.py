@@ -1,0 +1,63 @@
+"""Benchmark: the JAX emulator against the torch reference on the same run (samples/s), and a
+`vmap` sweep of 8 learning rates against 8 separate JAX runs (goal: the sweep costs less than
+3 separate runs). Compile time is reported apart from run time.
+
+Run: python benchmarks/bench_emulators.py [--quick]   (prints Markdown for BENCHMARKS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import date
+
+from partime_sim.generators import generate
+from partime_sim.models import build_torch_model, input_shape, num_outputs, split_stages, stage_to_jax
+from partime_sim.optimizers import OptimizerSpec
+from partime_sim.partition import even_partition
+from partime_sim.streams import make_stream
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+def main() -> None:
+    from partime_sim.emulator_jax import emulate_jax, emulate_jax_sweep
+    from partime_sim.emulator_torch import emulate_torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    samples, stages, net = (200 if args.quick else 2000), 4, "mlp"
+    stream = make_stream("shapes", samples, input_shape(net), num_outputs(net), 0)
+    sched = generate("partime", stages, samples, "train")
+    torch_stages = split_stages(build_torch_model(net, 0), even_partition(8, stages))
+    jax_stages = stage_to_jax(torch_stages)
+    spec = OptimizerSpec("sgd", lr=0.03)
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"date {date.today()}\n")
+    print(f"partime, S={stages}, {net}, {samples} samples of 'shapes', SGD, float32.\n")
+    t_torch, _ = timed(lambda: emulate_torch(sched, torch_stages, stream.x, stream.y, optimizer=spec,
+                                             dtype="float32"))
+    t_first, _ = timed(lambda: emulate_jax(sched, jax_stages, stream.x, stream.y, optimizer=spec))
+    t_jax, _ = timed(lambda: emulate_jax(sched, jax_stages, stream.x, stream.y, optimizer=spec))
+    print("| run | seconds | samples/s |\n|---|---|---|")
+    print(f"| torch reference | {t_torch:.2f} | {samples / t_torch:,.0f} |")
+    print(f"| JAX, first call (compile + run) | {t_first:.2f} | {samples / t_first:,.0f} |")
+    print(f"| JAX, compiled | {t_jax:.2f} | {samples / t_jax:,.0f} |")
+    specs = [OptimizerSpec("sgd", lr=0.005 * (i + 1)) for i in range(8)]
+    timed(lambda: emulate_jax_sweep(sched, jax_stages, stream.x, stream.y, optimizer=specs))  # compile
+    t_sweep, _ = timed(lambda: emulate_jax_sweep(sched, jax_stages, stream.x, stream.y, optimizer=specs))
+    t_eight, _ = timed(lambda: [emulate_jax(sched, jax_stages, stream.x, stream.y, optimizer=s) for s in specs])
+    print(f"\n| 8 learning rates | seconds | in separate runs |\n|---|---|---|")
+    print(f"| vmap sweep (compiled) | {t_sweep:.2f} | {t_sweep / (t_eight / 8):.2f} |")
+    print(f"| 8 separate runs (compiled) | {t_eight:.2f} | 8 |")
+
+
+if __name__ == "__main__":
+    main()
