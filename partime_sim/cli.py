@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_positive_int, default=1, help="run K seeds (seed..seed+K-1) [1]")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--impl", choices=("jax", "torch"), default="jax", help="JAX emulator or the torch reference [jax]")
+    p.add_argument("--compensation", default="none",
+                   help="staleness compensation: none, stash, pipemare, predict or ema [none]")
     p.add_argument("--vs-sequential", action="store_true", help="also train sequentially and report the loss gap")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None, help="write the learning curves (PNG)")
@@ -265,7 +267,7 @@ def _emulate(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.01)
     cfg = EmulateConfig(args.network, args.schedule, args.devices, samples=args.samples, stream=args.stream,
                         optimizer=args.optimizer, lr=lr, seed=args.seed, seeds=args.seeds, dtype=args.dtype,
-                        impl=args.impl, microbatches=args.microbatches)
+                        impl=args.impl, microbatches=args.microbatches, compensation=args.compensation)
     rows = emulate_vs_sequential(cfg) if args.vs_sequential else emulate(cfg)
     if args.plot is not None:
         from partime_sim.plots import plot_learning
@@ -274,7 +276,8 @@ def _emulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        shown = ("schedule", "devices", "stream", "seed", "final_loss", "mean_loss_last_10pct", "online_accuracy")
+        shown = ("schedule", "devices", "stream", "compensation", "seed", "final_loss", "mean_loss_last_10pct",
+                 "online_accuracy")
         extra = ("loss_gap_last_10pct",) if args.vs_sequential else ()
         _print_table([{k: r[k] for k in shown + extra} for r in rows])
         if args.vs_sequential:

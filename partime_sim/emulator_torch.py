@@ -28,6 +28,13 @@ every OPT bumps. The tasks:
   ``optimizer.step()``, the accumulator is cleared and the version bumped.
 * ``BARRIER``, ``SEND``, ``RECV``, ``H2D``, ``D2H`` move no numbers here: no-ops.
 
+``stash_weights=True`` (the default) is every schedule's natural behaviour (DESIGN.md: PipeDream
+1f1b/layerpipe stash by definition; in partime a stage's F and B share a tick and version, so
+stashing changes nothing there); ``False`` is PipeDream without stashing, for comparison.
+``compensation`` switches on one staleness compensation method (``none``, ``stash``,
+``pipemare``, ``predict``, ``ema``); its exact rules, and the per-stage delay d_k they derive
+from the schedule, are in ``partime_sim.compensation``. ``none`` runs exactly the code path above.
+
 What a task produces is kept only until every task that depends on it has run (reference
 counts from the dependency edges), so memory stays bounded on long streams; an input gradient
 no task depends on (``partime``'s drain) is never computed.
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional as TF
 
+from partime_sim.compensation import CompensationPlan, compensation_plan
 from partime_sim.errors import ConfigError, ScheduleError
 from partime_sim.optimizers import OptimizerSpec, make_torch_optimizer
 from partime_sim.schedule import B, BI, BW, F, OPT, Schedule
@@ -65,6 +73,8 @@ class EmulationResult:
     ``task_version[i]`` is the weight version (number of OPTs of the stage before) that task i
     computed with: for F the version it read, for a backward the version of its VJP's weights
     (the stashed one, or the current one without stashing); -1 for tasks that hold no weights.
+    ``compensation`` is the method used and ``delays`` the per-stage delay d_k it derived from the
+    schedule (``compensation.stage_delays``); None for ``none``, which derives nothing.
     """
 
     schedule: str
@@ -74,6 +84,8 @@ class EmulationResult:
     task_version: np.ndarray
     updates: np.ndarray  # (S,) OPTs applied per stage
     peak_stored: int  # most task results held at once (bounded for long streams)
+    compensation: str = "none"
+    delays: np.ndarray | None = None  # (S,) d_k used by the compensation method
 
     @property
     def online_accuracy(self) -> float | None:
@@ -101,12 +113,14 @@ def emulate_torch(
     optimizer: OptimizerSpec | None = None,
     dtype: torch.dtype | str = torch.float64,
     stash_weights: bool = True,
+    compensation: str = "none",
 ) -> EmulationResult:
     """Run ``schedule`` on ``stages`` over the stream ``(x, y)`` and return what it learned.
 
     ``stages`` are deep-copied and cast to ``dtype`` (the caller's modules are left alone).
     ``loss`` defaults to cross-entropy for integer ``y`` and MSE for float ``y``; ``optimizer``
     defaults to ``OptimizerSpec()`` (SGD). Inference schedules only run forwards.
+    ``compensation`` names a staleness compensation method (``compensation.COMPENSATIONS``).
     """
     dtype = _dtype(dtype)
     spec = optimizer if optimizer is not None else OptimizerSpec()
@@ -120,7 +134,11 @@ def emulate_torch(
                               f"give a longer stream or generate the schedule for {len(arr)} samples")
     y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     loss = _loss_name(loss, y_np)
-    run = _Run(schedule, stages, x, y_np[:N], loss, spec, dtype, stash_weights)
+    plan = compensation_plan(schedule, compensation)
+    if plan.name == "stash" and not stash_weights:
+        raise ConfigError("compensation='stash' differentiates each gradient signal's own forward at its stashed "
+                          "weights, which contradicts stash_weights=False; drop one of the two")
+    run = _Run(schedule, stages, x, y_np[:N], loss, spec, dtype, stash_weights, plan)
     with torch.inference_mode(False), torch.enable_grad():
         run.execute()
     return run.result()
@@ -191,6 +209,7 @@ class _InputGrad:
     grad_in: torch.Tensor | None
     act: _Activation | None = None
     cotangent: torch.Tensor | None = None
+    graph: _Graph | None = None  # the graph a BI took on reconstructed weights (ema), for its BW
 
 
 class _Stage:
@@ -200,32 +219,57 @@ class _Stage:
     place; ``shadow`` holds the current version's *snapshot* (fresh leaf Parameters, cloned once
     per version), and every forward runs on it. A graph built on a snapshot keeps those tensors
     alive after the next OPT replaces them in ``shadow``: that is the weight stash, for free.
+
+    Compensation state (``partime_sim.compensation``): with ``predict`` > 0 the snapshot is the
+    prediction ``w + d (w - prev)`` and ``prev`` the live weights before the latest OPT; with an
+    ``ema_decay`` the stage keeps the moving average its backwards differentiate at.
     """
 
-    def __init__(self, k: int, module: nn.Module, spec: OptimizerSpec, dtype: torch.dtype) -> None:
+    def __init__(self, k: int, module: nn.Module, spec: OptimizerSpec, dtype: torch.dtype,
+                 predict: int = 0, ema_decay: float | None = None) -> None:
         self.k = k
         self.module = copy.deepcopy(module).to(dtype).eval()
         self.shadow = copy.deepcopy(self.module)
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.params = tuple(p for _, p in named)
+        self.names = tuple(n for n, _ in named)
         self.slots = [_owner(self.shadow, n) for n, _ in named]
         self.opt = make_torch_optimizer(spec, self.params) if self.params else None
         self.acc: list[torch.Tensor] | None = None
         self.count = 0
         self.version = 0
         self._snapshot: tuple[torch.Tensor, ...] | None = None
+        self.predict = predict
+        self.prev: tuple[torch.Tensor, ...] | None = None
+        self.ema_decay = ema_decay
+        self.ema = tuple(p.detach().clone() for p in self.params) if ema_decay is not None else None
+        self._ema_leaves: tuple[torch.Tensor, ...] | None = None
 
     def snapshot(self) -> tuple[torch.Tensor, ...]:
-        """The current version's weights as leaf copies, installed in ``shadow`` (one per version)."""
+        """The current version's weights as leaf copies, installed in ``shadow`` (one per version);
+        with ``predict`` the predicted weights instead (the forward's and so its backward's)."""
         if self._snapshot is None:
-            snap = tuple(nn.Parameter(p.detach().clone()) for p in self.params)
+            if self.predict and self.prev is not None:
+                d = self.predict
+                snap = tuple(nn.Parameter(p.detach() + d * (p.detach() - q)) for p, q in zip(self.params, self.prev))
+            else:
+                snap = tuple(nn.Parameter(p.detach().clone()) for p in self.params)
             for (owner, name), t in zip(self.slots, snap):
                 setattr(owner, name, t)
             self._snapshot = snap
         return self._snapshot
 
-    def forward(self, inp: torch.Tensor, train: bool) -> torch.Tensor:
-        """Training: the current snapshot (``shadow``); inference: the live weights, no copies."""
+    def ema_leaves(self) -> tuple[torch.Tensor, ...]:
+        """The moving average as leaf tensors to differentiate at (one set per version)."""
+        if self._ema_leaves is None:
+            self._ema_leaves = tuple(nn.Parameter(e.clone()) for e in self.ema)
+        return self._ema_leaves
+
+    def forward(self, inp: torch.Tensor, train: bool, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Training: the current snapshot (``shadow``); inference: the live weights, no copies;
+        ``weights``: those instead (the module called functionally)."""
+        if weights is not None:
+            return torch.func.functional_call(self.module, dict(zip(self.names, weights)), (inp,))
         if train:
             self.snapshot()
             return self.shadow(inp)
@@ -248,21 +292,29 @@ class _Stage:
         if self.opt is not None:
             for p, a in zip(self.params, self.acc):
                 p.grad = a / self.count
+            if self.predict:
+                self.prev = tuple(p.detach().clone() for p in self.params)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                b = self.ema_decay
+                self.ema = tuple(b * e + (1.0 - b) * p.detach() for e, p in zip(self.ema, self.params))
         self.acc, self.count = None, 0
         self.version += 1
         self._snapshot = None
+        self._ema_leaves = None
 
 
 class _Run:
     """One walk of the task table; ``execute`` runs it, ``result`` packs what it learned."""
 
     def __init__(self, schedule: Schedule, stages: list[nn.Module], x: Any, y: np.ndarray, loss: str,
-                 spec: OptimizerSpec, dtype: torch.dtype, stash_weights: bool) -> None:
+                 spec: OptimizerSpec, dtype: torch.dtype, stash_weights: bool, plan: CompensationPlan) -> None:
         self.s = schedule
         self.train = schedule.mode == "train"
-        self.stages = [_Stage(k, m, spec, dtype) for k, m in enumerate(stages)]
+        self.plan = plan
+        self.stages = [_Stage(k, m, replace(spec, lr=plan.lr(k, spec.lr)), dtype, int(plan.predict_steps[k]),
+                              plan.ema_decay[k]) for k, m in enumerate(stages)]
         self.x, self.y, self.loss_name, self.spec, self.dtype = x, y, loss, spec, dtype
         self.stash = stash_weights
         N = schedule.num_samples
@@ -272,7 +324,7 @@ class _Run:
         self.store: dict[int, Any] = {}
         self.peak = 0
         self._labels_checked = False
-        self.in_src, self.co_src, self.remaining = _wiring(schedule)
+        self.in_src, self.co_src, self.remaining = _wiring(schedule, plan.forward_of)
 
     # -- main loop ---------------------------------------------------------------------------
     def execute(self) -> None:
@@ -323,18 +375,22 @@ class _Run:
     def _backward(self, i: int, kind: int, k: int, m: int) -> None:
         st = self.stages[k]
         last = k == len(self.stages) - 1
+        held: _InputGrad | None = None
         if kind == BW:
-            held: _InputGrad = self.store[self.co_src[i]]
+            held = self.store[self.co_src[i]]
             act, cot = held.act, held.cotangent
         else:
             act = self.store[self.in_src[i]]
             cot = None if last else self.store[self.co_src[i]].grad_in
-        version = act.version if self.stash else st.version
-        graph = act.graphs.get(version)
-        if graph is None:  # no stashing and the weights moved since the forward: recompute
-            root = self._call(st, act.inp, m)
-            graph = _Graph(self._loss(root, m, i, record=False) if last else root, st.snapshot())
-            act.graphs[version] = graph
+        if st.ema is not None:  # compensation "ema": the VJP at the moving average (BW: its BI's)
+            version = st.version if held is None else self.version[self.co_src[i]]
+            graph = held.graph if held is not None else self._recompute(st, act.inp, m, i, st.ema_leaves())
+        else:
+            version = act.version if self.stash else st.version
+            graph = act.graphs.get(version)
+            if graph is None:  # no stashing and the weights moved since the forward: recompute
+                graph = self._recompute(st, act.inp, m, i, None)
+                act.graphs[version] = graph
         self.version[i] = version
         want_in = kind != BW and k > 0 and self.remaining[i] > (1 if kind == BI else 0)
         want_w = kind != BI
@@ -344,7 +400,7 @@ class _Run:
         if want_w:
             st.accumulate(tuple(grads[int(want_in):]))
         if kind == BI:
-            self._keep(i, _InputGrad(grads[0] if want_in else None, act, cot))
+            self._keep(i, _InputGrad(grads[0] if want_in else None, act, cot, graph if st.ema is not None else None))
         elif want_in:
             self._keep(i, _InputGrad(grads[0]))
 
@@ -354,9 +410,19 @@ class _Run:
         t = xm if isinstance(xm, torch.Tensor) else torch.as_tensor(np.asarray(xm))
         return t.detach().to(self.dtype)
 
-    def _call(self, st: _Stage, inp: torch.Tensor, m: int) -> torch.Tensor:
+    def _recompute(self, st: _Stage, inp: torch.Tensor, m: int, i: int,
+                   weights: tuple[torch.Tensor, ...] | None) -> _Graph:
+        """The stage's forward redone on ``inp`` for a backward: at ``weights`` (ema), else at the
+        current snapshot (no stashing); the last stage's loss is recomputed, not recorded."""
+        root = self._call(st, inp, m, weights)
+        last = st.k == len(self.stages) - 1
+        return _Graph(self._loss(root, m, i, record=False) if last else root,
+                      weights if weights is not None else st.snapshot())
+
+    def _call(self, st: _Stage, inp: torch.Tensor, m: int,
+              weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         try:
-            return st.forward(inp, self.train)
+            return st.forward(inp, self.train, weights)
         except RuntimeError as err:
             src = "the stream" if st.k == 0 else f"stage {st.k - 1}'s output"
             raise ConfigError(f"stage {st.k} cannot take an input of shape {tuple(inp.shape)} ({src}, sample {m}): "
@@ -405,7 +471,7 @@ class _Run:
             schedule=self.s.name, loss=self.losses, correct=self.correct,
             final_state=[{n: t.detach().clone() for n, t in st.module.state_dict().items()} for st in self.stages],
             task_version=self.version, updates=np.array([st.version for st in self.stages]),
-            peak_stored=self.peak,
+            peak_stored=self.peak, compensation=self.plan.name, delays=self.plan.delays,
         )
 
 
@@ -415,13 +481,15 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(path) if path else module), attr
 
 
-def _wiring(s: Schedule) -> tuple[list[int], list[int], list[int]]:
+def _wiring(s: Schedule, forward_of: np.ndarray | None = None) -> tuple[list[int], list[int], list[int]]:
     """Per task, the task whose result it reads, from the dependency edges (-1 when none):
 
     * ``in_src``: for F(k) the F(k-1) it extends; for B/BI(k, m) the F(k, m) it differentiates;
     * ``co_src``: for B/BI(k) the stage-(k+1) backward whose input gradient is its cotangent;
       for BW(k, m) the BI(k, m) whose cotangent and graph it reuses;
     * ``remaining``: how many tasks read each task's result (it is dropped after the last one).
+
+    ``forward_of`` (compensation ``stash``) overrides, where >= 0, the F a B/BI differentiates.
     """
     n = len(s)
     src, dst = s.dep_src.astype(np.int64), s.dep_dst.astype(np.int64)
@@ -441,6 +509,8 @@ def _wiring(s: Schedule) -> tuple[list[int], list[int], list[int]]:
                                 "a task reads one activation and one gradient")
         arr[dst[sel]] = src[sel]
     _check_wiring(s, in_src, co_src)
+    if forward_of is not None:
+        in_src = np.where(forward_of >= 0, forward_of, in_src)
     remaining = np.bincount(in_src[in_src >= 0], minlength=n) + np.bincount(co_src[co_src >= 0], minlength=n)
     return in_src.tolist(), co_src.tolist(), remaining.tolist()
 

@@ -30,6 +30,7 @@ class EmulateConfig:
     impl: str = "jax"
     partition: str = "minmax"
     microbatches: int | None = None
+    compensation: str = "none"  # a staleness compensation method (partime_sim.compensation)
 
 
 def _learning_summary(result: Any) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def emulate(cfg: EmulateConfig) -> list[dict[str, Any]]:
     """Run ``cfg`` for seeds seed..seed+seeds-1; one result row per seed."""
     from partime_sim.catalogue import get_network
     from partime_sim.cluster import ideal_cluster
+    from partime_sim.compensation import check_compensation, stage_delays
     from partime_sim.generators import generate
     from partime_sim.models import build_torch_model, input_shape, num_outputs, split_stages
     from partime_sim.optimizers import OptimizerSpec
@@ -58,6 +60,9 @@ def emulate(cfg: EmulateConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"--impl {cfg.impl!r} is unknown; use one of {IMPLS}")
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds {cfg.seeds} must be >= 1")
+    check_compensation(cfg.compensation)
+    if cfg.impl == "jax" and cfg.compensation != "none":
+        _require_jax_compensation(cfg.compensation)
     spec = OptimizerSpec(cfg.optimizer, lr=cfg.lr)
     network = get_network(cfg.network)
     partition = resolve_partition(cfg.partition, network, ideal_cluster(cfg.devices), cfg.devices, "train")
@@ -69,7 +74,8 @@ def emulate(cfg: EmulateConfig) -> list[dict[str, Any]]:
     if cfg.impl == "torch":
         from partime_sim.emulator_torch import emulate_torch
 
-        results = [emulate_torch(schedule, stages, st.x, st.y, optimizer=spec, dtype=cfg.dtype)
+        results = [emulate_torch(schedule, stages, st.x, st.y, optimizer=spec, dtype=cfg.dtype,
+                                 compensation=cfg.compensation)
                    for stages, st in zip(stage_sets, streams)]
     else:
         import jax
@@ -77,18 +83,32 @@ def emulate(cfg: EmulateConfig) -> list[dict[str, Any]]:
         from partime_sim.emulator_jax import emulate_jax_sweep
         from partime_sim.models import stage_to_jax
 
+        extra = {"compensation": cfg.compensation} if cfg.compensation != "none" else {}
         with jax.enable_x64(cfg.dtype == "float64"):  # float64 weights convert only in x64 mode
             results = emulate_jax_sweep(schedule, [stage_to_jax(s) for s in stage_sets], [st.x for st in streams],
-                                        [st.y for st in streams], optimizer=spec, dtype=cfg.dtype)
+                                        [st.y for st in streams], optimizer=spec, dtype=cfg.dtype, **extra)
     head = {"network": network.name, "schedule": cfg.schedule, "devices": cfg.devices, "samples": cfg.samples,
-            "stream": cfg.stream, "optimizer": cfg.optimizer, "lr": cfg.lr, "impl": cfg.impl, "dtype": cfg.dtype}
+            "stream": cfg.stream, "optimizer": cfg.optimizer, "lr": cfg.lr, "impl": cfg.impl, "dtype": cfg.dtype,
+            "compensation": cfg.compensation}
+    if cfg.compensation != "none":  # the per-stage delay d_k the method derived from the schedule
+        head["delays"] = stage_delays(schedule).tolist()
     return [{**head, "seed": s, **_learning_summary(r)} for s, r in zip(seeds, results)]
+
+
+def _require_jax_compensation(name: str) -> None:
+    """Refuse a compensation method the JAX emulator does not take (yet), before any work."""
+    import inspect
+
+    from partime_sim.emulator_jax import emulate_jax_sweep
+
+    if "compensation" not in inspect.signature(emulate_jax_sweep).parameters:
+        raise ConfigError(f"compensation {name!r} is not yet in the JAX emulator; use --impl torch")
 
 
 def emulate_vs_sequential(cfg: EmulateConfig) -> list[dict[str, Any]]:
     """The run and the same run trained sequentially, with the loss gap (pipelined - sequential)."""
     rows = emulate(cfg)
-    base = emulate(replace(cfg, schedule="sequential"))
+    base = emulate(replace(cfg, schedule="sequential", compensation="none"))
     for row, ref in zip(rows, base):
         row["sequential"] = {k: ref[k] for k in ("final_loss", "mean_loss_last_10pct", "online_accuracy")}
         row["loss_gap_last_10pct"] = row["mean_loss_last_10pct"] - ref["mean_loss_last_10pct"]
