@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from partime_sim.errors import PartimeError
 
@@ -34,31 +34,24 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _bounded(cast: type, low: float, strict: bool, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(text)`` that must be >= low (> low when strict)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (value > low if strict else value >= low):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"{value} must be {'>' if strict else '>='} {low:g}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 must be > 0")
-    return value
+_positive_int = _bounded(int, 1, False, "an integer")
+_non_negative_float = _bounded(float, 0, False, "a number")
+_positive_float = _bounded(float, 0, True, "a number")
 
 
 def _trace_path(text: str) -> Path:
