@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from partime_sim.compensation import CompensationPlan, compensation_plan
 from partime_sim.errors import ConfigError, ScheduleError
 from partime_sim.optimizers import OptimizerSpec
 from partime_sim.schedule import BI, BW, OPT, B, F, Schedule
@@ -96,10 +97,14 @@ class Program:
         return {n: getattr(self, n) for n in _TABLES}
 
 
-def compile_schedule(schedule: Schedule, stash_weights: bool = True) -> Program:
+def compile_schedule(schedule: Schedule, stash_weights: bool = True, plan: CompensationPlan | None = None) -> Program:
     """Compile a schedule into a Program (pure numpy, independent of the model): validate it, keep
     the F/B/BI/BW/OPT tasks (BARRIER and transfers move no numbers), renumber their waves densely,
-    wire every read to the write it depends on, and size the rings."""
+    wire every read to the write it depends on, and size the rings.
+
+    ``plan`` (``compensation.compensation_plan``) rewires, for ``stash``, the forward each B/BI
+    (and so its BW) differentiates; for ``ema``, a stage's backwards read the weight version
+    current when they run (B/BI) or when their BI ran (BW), whose moving average they use."""
     if not isinstance(schedule, Schedule):
         raise ConfigError(f"schedule={schedule!r} is not a Schedule; build one with generators.generate(...)")
     s = schedule.validate()
@@ -131,6 +136,15 @@ def compile_schedule(schedule: Schedule, stash_weights: bool = True) -> Program:
         raise ScheduleError(f"{s.name}: a backward has no forward of its (stage, sample)")
     if np.any(is_bw & (bi < 0)):
         raise ScheduleError(f"{s.name}: a BW has no BI of its (stage, sample); split backwards come in pairs")
+    if plan is not None and plan.forward_of is not None:  # stash: the forward of the gradient signal's sample
+        pos = np.full(len(s), -1, dtype=np.int64)
+        pos[keep] = np.arange(keep.size)
+        fo = np.asarray(plan.forward_of)[keep]
+        sel = fo >= 0
+        fwd = fwd.copy()
+        fwd[sel] = pos[fo[sel]]
+        fwd[is_bw] = fwd[bi[is_bw]]  # a BW follows its BI
+    ema = [plan is not None and plan.ema_decay[k] is not None for k in range(S)]
     cot_src = _cotangent_sources(s, keep, stage, is_b)
 
     t = {n: np.full((W, S), -1, dtype=np.int32) for n in _TABLES}
@@ -154,7 +168,8 @@ def compile_schedule(schedule: Schedule, stash_weights: bool = True) -> Program:
         grad = _wire(t, k, wave, bk if k >= 1 else none, rd, cot_src[rd], "write_grad", "read_cot", k - 1)
         ik, wk = np.flatnonzero(is_bi & mine), np.flatnonzero(is_bw & mine)  # wpend: BI(k, m) -> BW(k, m)
         wpend = _wire(t, k, wave, ik, wk, bi[wk], "write_wpend", "read_wpend", k)
-        weights, final[k] = _wire_versions(t, k, wave, kind, np.flatnonzero(mine), fwd, stash_weights, W)
+        weights, final[k] = _wire_versions(t, k, wave, kind, np.flatnonzero(mine), fwd, stash_weights, W,
+                                           bi if ema[k] else None)
         sizes.append((act, stash, grad, wpend, weights))
         _check_updates(s, keep, kind, np.flatnonzero(mine), k)
     for col, ring in _WRITES.items():  # no write at this wave: the ring's sink slot
@@ -217,7 +232,7 @@ def _wire(t: dict[str, np.ndarray], k: int, wave: np.ndarray, writers: np.ndarra
 
 
 def _wire_versions(t: dict[str, np.ndarray], k: int, wave: np.ndarray, kind: np.ndarray, mine: np.ndarray,
-                   fwd: np.ndarray, stash_weights: bool, W: int) -> tuple[int, int]:
+                   fwd: np.ndarray, stash_weights: bool, W: int, ema_bi: np.ndarray | None = None) -> tuple[int, int]:
     """Slots of stage k's weight versions: version 0 exists before wave 0, version v >= 1 is made by
     the stage's v-th OPT. F and OPT read the current version; a backward reads its F's version
     (weight stashing) or the current one. Returns the ring size and the final version's slot.
@@ -227,7 +242,10 @@ def _wire_versions(t: dict[str, np.ndarray], k: int, wave: np.ndarray, kind: np.
     version_of = np.zeros(kind.size, dtype=np.int64)
     version_of[mine] = ver
     back = np.isin(kind[mine], (B, BI, BW))
-    reads = np.where(back & stash_weights, version_of[fwd[mine]], ver)
+    if ema_bi is not None:  # ema: B/BI at the current version's average, BW at its BI's
+        reads = np.where(kind[mine] == BW, version_of[np.maximum(ema_bi[mine], 0)], ver)
+    else:
+        reads = np.where(back & stash_weights, version_of[fwd[mine]], ver)
     opts = mine[is_opt]
     made = np.r_[-1, wave[opts]]  # the wave each version is written at
     item = np.r_[reads, opts.size]  # the final version stays readable to the end
@@ -290,6 +308,7 @@ def emulate_jax(
     optimizer: OptimizerSpec | None = None,
     dtype: str = "float32",
     stash_weights: bool = True,
+    compensation: str = "none",
 ) -> EmulationResult:
     """Run ``schedule``'s learning dynamics on the stream ``(x[m], y[m])``, m < num_samples.
 
@@ -297,8 +316,11 @@ def emulate_jax(
     ``apply_fn(params, x)`` maps a batch of one to the next stage's input). ``loss`` defaults to
     cross-entropy for integer ``y`` and MSE for float ``y``; ``optimizer`` to ``OptimizerSpec()``
     (SGD). ``dtype="float64"`` runs in JAX's x64 mode, switched on for this call only.
+    ``compensation`` names a staleness compensation method (``compensation.COMPENSATIONS``), applied
+    by the rules of ``partime_sim.compensation`` exactly as the torch reference applies them.
     """
-    return _emulate(schedule, [stages_jax], [x], [y], [_spec(optimizer)], loss, dtype, stash_weights, 1)[0]
+    return _emulate(schedule, [stages_jax], [x], [y], [_spec(optimizer)], loss, dtype, stash_weights, 1,
+                    compensation)[0]
 
 
 def emulate_jax_sweep(
@@ -311,6 +333,7 @@ def emulate_jax_sweep(
     optimizer: OptimizerSpec | None | Sequence[OptimizerSpec] = None,
     dtype: str = "float32",
     stash_weights: bool = True,
+    compensation: str = "none",
 ) -> list[EmulationResult]:
     """Run C configurations of one schedule in one compiled run, one EmulationResult each.
 
@@ -333,25 +356,33 @@ def emulate_jax_sweep(
         raise ConfigError("a sweep needs at least one configuration; the per-configuration lists are empty")
     items = {n: list(v) if per_config[n] else [v] for n, v in given.items()}
     specs = [_spec(o) for o in items["optimizer"]]
-    return _emulate(schedule, items["stages_jax"], items["x"], items["y"], specs, loss, dtype, stash_weights, C)
+    return _emulate(schedule, items["stages_jax"], items["x"], items["y"], specs, loss, dtype, stash_weights, C,
+                    compensation)
 
 
 def _emulate(schedule: Schedule, stage_sets: list, xs: list, ys: list, specs: list[OptimizerSpec],
-             loss: str | None, dtype: str, stash_weights: bool, C: int) -> list[EmulationResult]:
+             loss: str | None, dtype: str, stash_weights: bool, C: int,
+             compensation: str = "none") -> list[EmulationResult]:
     import jax
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is unknown; use one of {DTYPES}")
     if len({o.name for o in specs}) > 1:
         raise ConfigError(f"a sweep mixes optimizers {sorted({o.name for o in specs})}; sweep one kind at a time")
-    program = compile_schedule(schedule, stash_weights)
+    if not isinstance(schedule, Schedule):
+        raise ConfigError(f"schedule={schedule!r} is not a Schedule; build one with generators.generate(...)")
+    plan = compensation_plan(schedule, compensation)
+    if plan.name == "stash" and not stash_weights:
+        raise ConfigError("compensation='stash' differentiates each gradient signal's own forward at its stashed "
+                          "weights, which contradicts stash_weights=False; drop one of the two")
+    program = compile_schedule(schedule, stash_weights, plan)
     S = program.num_stages
     for stages in stage_sets:
         if len(stages) != S:
             raise ConfigError(f"{len(stages)} stages given but schedule {schedule.name!r} has {S}; "
                               f"split the model into {S} stages")
     with jax.enable_x64(dtype == "float64"):
-        results = _sweep(program, stage_sets, xs, ys, specs, loss, dtype, stash_weights, C)
+        results = _sweep(program, stage_sets, xs, ys, specs, loss, dtype, stash_weights, C, plan)
     for c, r in enumerate(results):
         bad = np.flatnonzero(~np.isfinite(r.loss))
         if bad.size:  # the torch reference stops at the same sample, with the same message
@@ -379,7 +410,8 @@ def _is_stage_list(obj: Sequence[Any]) -> bool:
 
 
 def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[OptimizerSpec],
-           loss: str | None, dtype: str, stash_weights: bool, C: int) -> list[EmulationResult]:
+           loss: str | None, dtype: str, stash_weights: bool, C: int,
+           plan: CompensationPlan | None = None) -> list[EmulationResult]:
     import jax
     import jax.numpy as jnp
 
@@ -408,15 +440,23 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
     _check_same_structure(params)
     out = _check_shapes(applies, params[0], xs[0])
     _check_targets(loss, out, ys)
-    hyper = [_hyper(o, dtype, any(o.weight_decay > 0 for o in specs)) for o in specs]
+    S = program.num_stages
+    decay = any(o.weight_decay > 0 for o in specs)
+    # per stage (pipemare: stage k's lr is lr / (1 + d_k), the Python float division torch's reference makes)
+    hyper = [[_hyper(replace(o, lr=plan.lr(k, o.lr)) if plan is not None else o, dtype, decay) for o in specs]
+             for k in range(S)]
+    comp = tuple(("predict", int(plan.predict_steps[k])) if plan is not None and plan.predict_steps[k] > 0
+                 else ("ema", float(plan.ema_decay[k])) if plan is not None and plan.ema_decay[k] is not None
+                 else ("", 0) for k in range(S))
     run = _compiled(applies, program.ring_sizes, program.num_stages, specs[0].name, loss, stash_weights,
-                    len(xs) > 1, len(ys) > 1)
+                    len(xs) > 1, len(ys) > 1, comp)
     stack = lambda items: jax.tree.map(lambda *a: np.stack(a), *items)
     shared = lambda items: items[0] if len(items) == 1 else stack(items)
     tables = {k: jnp.asarray(v) for k, v in program.tables().items()}
     out_params, loss_w, correct_w = run(tables, jnp.asarray(program.final_version),
                                         stack([params[c % len(params)] for c in range(C)]),
-                                        stack([hyper[c % len(hyper)] for c in range(C)]), shared(xs), shared(ys))
+                                        [stack([h[c % len(h)] for c in range(C)]) for h in hyper],
+                                        shared(xs), shared(ys))
     out_params = jax.tree.map(np.asarray, out_params)
     loss_w, correct_w = np.asarray(loss_w).T, np.asarray(correct_w).T  # (C, waves)
     results = []
@@ -512,20 +552,23 @@ def _loss_fn(loss: str) -> Callable[[Any, Any], Any]:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, stash_weights: bool,
-              x_batched: bool, y_batched: bool) -> Callable:
+              x_batched: bool, y_batched: bool, comp: tuple = ()) -> Callable:
     """The jitted run for one model, ring layout and optimizer kind. The program tables are
     arguments, not constants: schedules with the same ring sizes and wave count share it."""
     import jax
 
     return jax.jit(functools.partial(_run, applies, ring_sizes, S, opt_name, loss, stash_weights,
-                                     x_batched, y_batched))
+                                     x_batched, y_batched, comp or (("", 0),) * S))
 
 
 def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, stash_weights: bool,
-         x_batched: bool, y_batched: bool, tables: dict, final_version: Any, params: list, hyper: dict,
-         x: Any, y: Any) -> tuple:
+         x_batched: bool, y_batched: bool, comp: tuple, tables: dict, final_version: Any, params: list,
+         hyper: list, x: Any, y: Any) -> tuple:
     """Scan the program's waves for C configurations at once; returns the final params and the last
-    stage's (loss, correct) per wave, each with the configuration axis C.
+    stage's (loss, correct) per wave, each with the configuration axis C. ``hyper`` holds one
+    dict per stage (pipemare scales a stage's lr); ``comp[k]`` is stage k's compensation state:
+    ``("predict", d)`` or ``("ema", beta)`` keep, per weight version, the live weights ``w`` and
+    the weights ``aux`` the stage's forwards and backwards (predict) or backwards (ema) use.
 
     Layout, chosen so XLA copies no weights per wave (what makes a sweep cheap):
 
@@ -547,7 +590,7 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
     loss_fn = _loss_fn(loss)
     dt = x.dtype
     tree, vmap = jax.tree.map, jax.vmap
-    C = jax.tree.leaves(hyper)[0].shape[0]
+    C = jax.tree.leaves(hyper[0])[0].shape[0]
     zeros = lambda spec: jnp.zeros((C, *spec.shape), spec.dtype)
     in_specs, spec = [], jax.ShapeDtypeStruct((1, *x.shape[1 + x_batched:]), dt)
     for fn, p in zip(applies, params):
@@ -582,7 +625,9 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
     for k, p in enumerate(params):
         n_act, n_stash, n_grad, n_wpend, n_weights = ring_sizes[k]
         weights = tree(lambda a, n=n_weights: jnp.zeros((n, *a.shape), a.dtype).at[0].set(a), p)
-        state.append({"weights": weights, "opt": vmap(opt_init)(p, hyper), "acc": tree(jnp.zeros_like, p),
+        if comp[k][0]:  # version 0: no OPT yet, so the prediction and the average are the weights
+            weights = {"w": weights, "aux": weights}
+        state.append({"weights": weights, "opt": vmap(opt_init)(p, hyper[k]), "acc": tree(jnp.zeros_like, p),
                       "count": jnp.zeros((), dt), "act": ring(n_act, out_specs[k]),
                       "stash": ring(n_stash, in_specs[k]),
                       "grad": ring(n_grad, in_specs[k]) if k >= 1 else None, "wpend": ring(n_wpend, out_specs[k])})
@@ -590,6 +635,8 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
 
     def stage_wave(k: int, st: dict, row: dict, inp: Any, cot: Any, target: Any) -> tuple[dict, tuple]:
         fn, last, op = applies[k], k == S - 1, row["op"]
+        mode, cval = comp[k]
+        hyp = hyper[k]
 
         def forward1(p, inp, target):
             out = fn(p, inp)
@@ -601,7 +648,10 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
 
         # the weights this op uses, sliced out of the ring here: a ring passed to several conds, one of
         # which updates it in place, would be copied whole every wave
-        params = pick(st["weights"], row["version"])
+        entry = pick(st["weights"], row["version"])
+        live = entry["w"] if mode else entry
+        params = entry["aux"] if mode == "predict" else live  # the forward's weights
+        back_params = entry["aux"] if mode else live  # the backward's (ema: the moving average)
         out, rec = lax.cond(op == OP_F, vmap(forward1), lambda *_: (zeros(out_specs[k]), no_rec),
                             params, inp, target)
         st = {**st, "act": put(st["act"], row["write_act"], out), "stash": put(st["stash"], row["write_stash"], inp)}
@@ -614,7 +664,7 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
 
         def vjp1(p, inp, cot, target):
             out, pull = jax.vjp(fn, p, inp)
-            return pull(jax.grad(loss_fn)(out, target) if last and not stash_weights else cot)
+            return pull(jax.grad(loss_fn)(out, target) if last and (not stash_weights or mode == "ema") else cot)
 
         adds = (op == OP_B) | (op == OP_BW)
         first = st["count"] == 0  # the first gradient since the last OPT replaces the accumulator
@@ -625,16 +675,21 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
 
         is_back = adds | (op == OP_BI)
         acc, g_x = lax.cond(is_back, backward, lambda acc, *_: (acc, zeros(in_specs[k])),
-                            st["acc"], params, st["stash"])
+                            st["acc"], back_params, st["stash"])
         count = st["count"] + adds.astype(dt)
         st = {**st, "acc": acc, "grad": put(st["grad"], row["write_grad"], g_x)}
 
-        def step(weights, opt_state, acc, params):  # the mean of the gradients since the last OPT
-            params, opt_state = vmap(opt_step)(params, opt_state, tree(lambda a: a / count, acc), hyper)
-            return put(weights, row["new_version"], params), opt_state
+        def step(weights, opt_state, acc, entry):  # the mean of the gradients since the last OPT
+            live = entry["w"] if mode else entry
+            new, opt_state = vmap(opt_step)(live, opt_state, tree(lambda a: a / count, acc), hyp)
+            if mode == "predict":  # w + d (w - prev), prev = the live weights before this OPT
+                new = {"w": new, "aux": tree(lambda w, q: w + cval * (w - q), new, live)}
+            elif mode == "ema":  # ema = beta ema + (1 - beta) w, after the step
+                new = {"w": new, "aux": tree(lambda e, w: cval * e + (1.0 - cval) * w, entry["aux"], new)}
+            return put(weights, row["new_version"], new), opt_state
 
         weights, opt_state = lax.cond(op == OP_OPT, step, lambda w, o, *_: (w, o),
-                                      st["weights"], st["opt"], acc, params)
+                                      st["weights"], st["opt"], acc, entry)
         return {**st, "weights": weights, "opt": opt_state, "count": jnp.where(op == OP_OPT, 0, count)}, rec
 
     def wave(state: list, row_all: dict) -> tuple:
@@ -653,7 +708,8 @@ def _run(applies: tuple, ring_sizes: tuple, S: int, opt_name: str, loss: str, st
         return state, rec
 
     state, (loss_w, correct_w) = lax.scan(wave, state, tables)
-    return [get(st["weights"], final_version[k]) for k, st in enumerate(state)], loss_w, correct_w
+    finals = [get(st["weights"], final_version[k]) for k, st in enumerate(state)]
+    return [f["w"] if comp[k][0] else f for k, f in enumerate(finals)], loss_w, correct_w
 
 
 __all__ = ["EmulationResult", "Program", "compile_schedule", "emulate_jax", "emulate_jax_sweep", "make_optax"]

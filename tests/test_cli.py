@@ -167,3 +167,12 @@ def test_emulate_bad_names_are_one_line_errors(capsys, flag, value, needle):
     argv[flag] = value
     code, _, err = run_cli(capsys, "emulate", *[a for kv in argv.items() for a in kv])
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_emulate_compensation_same_on_both_implementations(capsys):
+    base = ["emulate", "--network", "mlp", "--schedule", "1f1b", "--devices", "4", "--samples", "100",
+            "--optimizer", "adam", "--lr", "1e-3", "--compensation", "predict", "--dtype", "float64", "--json"]
+    (row_j,) = json.loads(run_cli(capsys, *base)[1])
+    (row_t,) = json.loads(run_cli(capsys, *base, "--impl", "torch")[1])
+    assert row_j["delays"] == row_t["delays"] == [3, 2, 1, 0]
+    assert row_j["final_loss"] == pytest.approx(row_t["final_loss"], rel=1e-9)

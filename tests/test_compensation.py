@@ -233,20 +233,6 @@ def test_cli_flag_runs_the_torch_emulator_and_reports_the_delays(capsys):
     assert "compensation 'nope' is unknown" in capsys.readouterr().err
 
 
-def test_jax_impl_refuses_a_compensation_it_does_not_take_yet():
-    import inspect
-
-    from partime_sim.learning import EmulateConfig, emulate
-
-    pytest.importorskip("jax")
-    from partime_sim.emulator_jax import emulate_jax_sweep
-
-    if "compensation" in inspect.signature(emulate_jax_sweep).parameters:
-        pytest.skip("the JAX emulator takes compensation now; its own tests cover it")
-    with pytest.raises(ConfigError, match="'ema' is not yet in the JAX emulator; use --impl torch"):
-        emulate(EmulateConfig("mlp", "partime", 2, samples=20, impl="jax", compensation="ema"))
-
-
 # ---- the claim: a method closes the gap to sequential on a smooth stream, S = 8 ----------------
 @pytest.fixture
 def one_thread():
