@@ -7,6 +7,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+from hand_partime import partime_two_linear_stages
 import pytest
 import torch
 from torch import nn
@@ -111,29 +112,13 @@ def test_partime_stash_pairs_the_signal_with_its_own_forward_by_hand():
     """PARTIME, S = 2 linear stages, MSE. Without compensation stage 0's B at tick t takes sample
     t's input with sample (t-2)'s signal; with 'stash' it differentiates F(0, t-2): input
     x[t-2] at the weights that forward read (version t-2 - 0, i.e. two updates old)."""
-    w0, w1 = Fraction(1, 2), Fraction(3, 4)
+    losses, w0, w1 = partime_two_linear_stages(XS, YS, LR, Fraction(1, 2), Fraction(3, 4), stash_input=True)
     N, S = len(XS), 2
-    act, grad_in, losses, w0_at = {}, {}, {}, {}
-    for t in range(N + S - 1):
-        new_w0, new_w1 = w0, w1
-        if t < N:
-            w0_at[t] = w0
-            act[t] = w0 * XS[t]
-            if t >= 2:  # d/dw0 of w0 * x at sample t-2 does not depend on w0: only the input moves
-                new_w0 = w0 - LR * grad_in[t - 1] * XS[t - 2]
-        m = t - 1
-        if 0 <= m < N:
-            o = w1 * act[m]
-            losses[m] = (o - YS[m]) ** 2
-            g = 2 * (o - YS[m])
-            grad_in[t] = g * w1
-            new_w1 = w1 - LR * g * act[m]
-        w0, w1 = new_w0, new_w1
     sched = generate("partime", S, N)
     res = emulate_torch(sched, [scalar_linear(Fraction(1, 2)), scalar_linear(Fraction(3, 4))],
                         np.array(XS, float)[:, None], np.array(YS, float), loss="mse",
                         optimizer=OptimizerSpec("sgd", lr=float(LR)), compensation="stash")
-    assert res.loss.tolist() == [float(losses[m]) for m in range(N)]
+    assert res.loss.tolist() == [float(v) for v in losses]
     assert res.final_state[0]["weight"].item() == float(w0)
     assert res.final_state[1]["weight"].item() == float(w1)
     assert res.delays.tolist() == [1, 0]

@@ -7,6 +7,7 @@ import copy
 from fractions import Fraction
 
 import numpy as np
+from hand_partime import partime_two_linear_stages
 import pytest
 import torch
 from torch import nn
@@ -198,27 +199,12 @@ def test_partime_two_stages_hand_computed_ticks():
     """PARTIME, S = 2 linear stages o = w1 * (w0 * x), MSE. Tick t: stage 0 runs F on x_t and,
     from tick 2, B on that same activation with the input gradient stage 1 made at tick t-1
     (sample t-2's); stage 1 runs F and B on sample t-1. Both update at the end of the tick."""
-    w0, w1 = Fraction(1, 2), Fraction(3, 4)
+    losses, w0, w1 = partime_two_linear_stages(XS, YS, LR, Fraction(1, 2), Fraction(3, 4))
     N, S = len(XS), 2
-    act, grad_in, losses = {}, {}, {}
-    for t in range(N + S - 1):
-        new_w0, new_w1 = w0, w1
-        if t < N:
-            act[t] = w0 * XS[t]
-            if t >= 2:  # first tick a real gradient reaches stage 0: 2S-2-0
-                new_w0 = w0 - LR * grad_in[t - 1] * XS[t]
-        m = t - 1
-        if 0 <= m < N:
-            o = w1 * act[m]
-            losses[m] = (o - YS[m]) ** 2
-            g = 2 * (o - YS[m])
-            grad_in[t] = g * w1
-            new_w1 = w1 - LR * g * act[m]
-        w0, w1 = new_w0, new_w1
     sched = generate("partime", S, N)
     res = emulate_torch(sched, [scalar_linear(0.5), scalar_linear(0.75)], np.array(XS, float)[:, None],
                         np.array(YS, float), loss="mse", optimizer=OptimizerSpec("sgd", lr=float(LR)))
-    assert res.loss.tolist() == [float(losses[m]) for m in range(N)]
+    assert res.loss.tolist() == [float(v) for v in losses]
     assert res.final_state[0]["weight"].item() == float(w0)
     assert res.final_state[1]["weight"].item() == float(w1)
     assert res.updates.tolist() == [N - 2, N]  # stage 0 never sees a gradient for samples 0 and 1
