@@ -226,9 +226,10 @@ class _Stage:
     """
 
     def __init__(self, k: int, module: nn.Module, spec: OptimizerSpec, dtype: torch.dtype,
-                 predict: int = 0, ema_decay: float | None = None) -> None:
+                 predict: int = 0, ema_decay: float | None = None, device: torch.device | None = None) -> None:
         self.k = k
-        self.module = copy.deepcopy(module).to(dtype).eval()
+        self.device = device or torch.device("cpu")
+        self.module = copy.deepcopy(module).to(dtype=dtype, device=self.device).eval()
         self.shadow = copy.deepcopy(self.module)
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.params = tuple(p for _, p in named)
@@ -306,15 +307,27 @@ class _Stage:
 
 
 class _Run:
-    """One walk of the task table; ``execute`` runs it, ``result`` packs what it learned."""
+    """One walk of the task table; ``execute`` runs it, ``result`` packs what it learned.
 
-    def __init__(self, schedule: Schedule, stages: list[nn.Module], x: Any, y: np.ndarray, loss: str,
-                 spec: OptimizerSpec, dtype: torch.dtype, stash_weights: bool, plan: CompensationPlan) -> None:
+    ``tasks`` (default: all) restricts the walk to one worker's tasks, in table order, and
+    ``devices`` places each owned stage: that is how the torch backend runs a device's share of
+    the schedule with this very code (so it equals the reference bit for bit). Results of tasks
+    outside ``tasks`` are put into ``store`` by the caller (``_Activation``/``_InputGrad`` holding
+    only the received tensor) before a task that reads them runs; ``_publish`` is called with
+    every result some task depends on.
+    """
+
+    def __init__(self, schedule: Schedule, stages: list[nn.Module | None], x: Any, y: np.ndarray, loss: str,
+                 spec: OptimizerSpec, dtype: torch.dtype, stash_weights: bool, plan: CompensationPlan,
+                 tasks: np.ndarray | None = None, devices: list[torch.device] | None = None) -> None:
         self.s = schedule
         self.train = schedule.mode == "train"
         self.plan = plan
-        self.stages = [_Stage(k, m, replace(spec, lr=plan.lr(k, spec.lr)), dtype, int(plan.predict_steps[k]),
-                              plan.ema_decay[k]) for k, m in enumerate(stages)]
+        self.num_stages = len(stages)
+        dev = devices or [torch.device("cpu")] * len(stages)
+        self.stages = [None if m is None else
+                       _Stage(k, m, replace(spec, lr=plan.lr(k, spec.lr)), dtype, int(plan.predict_steps[k]),
+                              plan.ema_decay[k], dev[k]) for k, m in enumerate(stages)]
         self.x, self.y, self.loss_name, self.spec, self.dtype = x, y, loss, spec, dtype
         self.stash = stash_weights
         N = schedule.num_samples
@@ -324,30 +337,39 @@ class _Run:
         self.store: dict[int, Any] = {}
         self.peak = 0
         self._labels_checked = False
-        self.in_src, self.co_src, self.remaining = _wiring(schedule, plan.forward_of)
+        self.order = np.arange(len(schedule)) if tasks is None else np.asarray(tasks, dtype=np.int64)
+        self.in_src, self.co_src, self.needed = _wiring(schedule, plan.forward_of)
+        self.remaining = _local_readers(self.in_src, self.co_src, self.order, len(schedule))
 
     # -- main loop ---------------------------------------------------------------------------
     def execute(self) -> None:
+        for i in self.order.tolist():
+            self.run_task(i)
+
+    def run_task(self, i: int) -> None:
+        """Do task i (its inputs are in ``store``) and drop what no later task reads."""
         s = self.s
-        kinds, stage, sample = s.kind.tolist(), s.stage.tolist(), s.sample.tolist()
-        for i, (kind, k, m) in enumerate(zip(kinds, stage, sample)):
-            if kind == F:
-                self._forward(i, k, m)
-            elif kind in (B, BI, BW):
-                self._backward(i, kind, k, m)
-            elif kind == OPT:
-                self.stages[k].step(s.task_label(i))
-            else:
-                continue
-            if kind != OPT:
-                self._release(self.in_src[i])
-                self._release(self.co_src[i])
+        kind, k, m = int(s.kind[i]), int(s.stage[i]), int(s.sample[i])
+        if kind == F:
+            self._forward(i, k, m)
+        elif kind in (B, BI, BW):
+            self._backward(i, kind, k, m)
+        elif kind == OPT:
+            self.stages[k].step(s.task_label(i))
+        if kind in (F, B, BI, BW):
+            self._release(self.in_src[i])
+            self._release(self.co_src[i])
 
     def _keep(self, i: int, value: Any) -> None:
-        """Store task i's result if some later task depends on it."""
+        """Store task i's result if some later task of this walk reads it; publish it if any does."""
         if self.remaining[i] > 0:
             self.store[i] = value
             self.peak = max(self.peak, len(self.store))
+        if self.needed[i] > 0:
+            self._publish(i, value)
+
+    def _publish(self, i: int, value: Any) -> None:
+        """Hook for the backend: task i's result, which some task reads (a no-op here)."""
 
     def _release(self, src: int) -> None:
         if src >= 0:
@@ -358,7 +380,7 @@ class _Run:
     # -- tasks -------------------------------------------------------------------------------
     def _forward(self, i: int, k: int, m: int) -> None:
         st = self.stages[k]
-        last = k == len(self.stages) - 1
+        last = k == self.num_stages - 1
         if k == 0:
             inp = self._sample_input(m)
         else:
@@ -374,7 +396,7 @@ class _Run:
 
     def _backward(self, i: int, kind: int, k: int, m: int) -> None:
         st = self.stages[k]
-        last = k == len(self.stages) - 1
+        last = k == self.num_stages - 1
         held: _InputGrad | None = None
         if kind == BW:
             held = self.store[self.co_src[i]]
@@ -392,7 +414,7 @@ class _Run:
                 graph = self._recompute(st, act.inp, m, i, None)
                 act.graphs[version] = graph
         self.version[i] = version
-        want_in = kind != BW and k > 0 and self.remaining[i] > (1 if kind == BI else 0)
+        want_in = kind != BW and k > 0 and self.needed[i] > (1 if kind == BI else 0)
         want_w = kind != BI
         targets = ([act.inp] if want_in else []) + (list(graph.params) if want_w else [])
         grads = torch.autograd.grad(graph.root, targets, grad_outputs=cot, retain_graph=kind == BI,
@@ -408,14 +430,14 @@ class _Run:
     def _sample_input(self, m: int) -> torch.Tensor:
         xm = self.x[m:m + 1]
         t = xm if isinstance(xm, torch.Tensor) else torch.as_tensor(np.asarray(xm))
-        return t.detach().to(self.dtype)
+        return t.detach().to(self.dtype).to(self.stages[0].device)
 
     def _recompute(self, st: _Stage, inp: torch.Tensor, m: int, i: int,
                    weights: tuple[torch.Tensor, ...] | None) -> _Graph:
         """The stage's forward redone on ``inp`` for a backward: at ``weights`` (ema), else at the
         current snapshot (no stashing); the last stage's loss is recomputed, not recorded."""
         root = self._call(st, inp, m, weights)
-        last = st.k == len(self.stages) - 1
+        last = st.k == self.num_stages - 1
         return _Graph(self._loss(root, m, i, record=False) if last else root,
                       weights if weights is not None else st.snapshot())
 
@@ -435,9 +457,9 @@ class _Run:
                 raise ConfigError(f"cross-entropy needs a (1, classes) output from the last stage, got shape "
                                   f"{tuple(out.shape)}; end the model with a Linear layer (add Flatten before it)")
             self._check_labels(out.shape[1])
-            value = TF.cross_entropy(out, torch.as_tensor(self.y[m:m + 1], dtype=torch.long))
+            value = TF.cross_entropy(out, torch.as_tensor(self.y[m:m + 1], dtype=torch.long, device=out.device))
         else:
-            target = torch.as_tensor(np.asarray(self.y[m], dtype=np.float64)).to(self.dtype)
+            target = torch.as_tensor(np.asarray(self.y[m], dtype=np.float64)).to(self.dtype).to(out.device)
             if target.numel() != out.numel():
                 raise ConfigError(f"mse target of sample {m} has {target.numel()} values but the last stage outputs "
                                   f"shape {tuple(out.shape)}; give one target value per output")
@@ -445,7 +467,7 @@ class _Run:
         if record:
             v = float(value.detach())
             if not math.isfinite(v):
-                what = (f"after {[st.version for st in self.stages]} updates per stage; the run diverged: lower "
+                what = (f"after {[st.version for st in self.stages if st is not None]} updates per stage; the run diverged: lower "
                         f"the learning rate (lr={self.spec.lr})") if self.train else \
                        "the model or the input holds non-finite values"
                 raise ConfigError(f"loss of sample {m} is {v} at task {self.s.task_label(i)} {what}")
@@ -511,8 +533,17 @@ def _wiring(s: Schedule, forward_of: np.ndarray | None = None) -> tuple[list[int
     _check_wiring(s, in_src, co_src)
     if forward_of is not None:
         in_src = np.where(forward_of >= 0, forward_of, in_src)
-    remaining = np.bincount(in_src[in_src >= 0], minlength=n) + np.bincount(co_src[co_src >= 0], minlength=n)
-    return in_src.tolist(), co_src.tolist(), remaining.tolist()
+    return in_src.tolist(), co_src.tolist(), _readers(in_src, co_src, n).tolist()
+
+
+def _readers(in_src: np.ndarray, co_src: np.ndarray, n: int) -> np.ndarray:
+    """How many tasks read each task's result."""
+    return np.bincount(in_src[in_src >= 0], minlength=n) + np.bincount(co_src[co_src >= 0], minlength=n)
+
+
+def _local_readers(in_src: list[int], co_src: list[int], order: np.ndarray, n: int) -> list[int]:
+    """How many of the tasks in ``order`` read each task's result (what ``store`` must hold)."""
+    return _readers(np.asarray(in_src, dtype=np.int64)[order], np.asarray(co_src, dtype=np.int64)[order], n).tolist()
 
 
 def _check_wiring(s: Schedule, in_src: np.ndarray, co_src: np.ndarray) -> None:
