@@ -132,6 +132,7 @@ class Job:
     devices: list[str]
     workers: WorkerPlan
     keep_outputs: bool = False
+    threads: int | None = None  # torch threads per worker process (distributed); None: cores / workers
 
 
 class _Clock:
@@ -250,7 +251,8 @@ class RunResult(EmulationResult):
 
 def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *, devices: str | Sequence[str],
              loss: str | None = None, optimizer: OptimizerSpec | None = None, dtype: Any = "float32",
-             stash_weights: bool = True, compensation: str = "none", keep_outputs: bool = False) -> Job:
+             stash_weights: bool = True, compensation: str = "none", keep_outputs: bool = False,
+             threads: int | None = None) -> Job:
     """Check the inputs (with the reference emulator's checks and messages) and plan the workers."""
     from partime_sim.models import check_stage_shapes
 
@@ -280,7 +282,9 @@ def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *,
     if len(devs) != wp.num_workers:
         raise ConfigError(f"schedule {schedule.name!r} runs on {wp.num_workers} device(s) but devices={devs} "
                           f"lists {len(devs)}; give one device per pipeline device (repeat 'cpu' or a GPU as needed)")
-    return Job(schedule, cast, x[:N], y_np, loss, spec, dtype, stash_weights, plan, devs, wp, keep_outputs)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} is invalid; give an integer >= 1 (torch threads per worker process)")
+    return Job(schedule, cast, x[:N], y_np, loss, spec, dtype, stash_weights, plan, devs, wp, keep_outputs, threads)
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -292,26 +296,28 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *,
                  devices: str | Sequence[str], transport: str = "local", loss: str | None = None,
                  optimizer: OptimizerSpec | None = None, dtype: Any = "float32", stash_weights: bool = True,
-                 compensation: str = "none", keep_outputs: bool = False) -> RunResult:
+                 compensation: str = "none", keep_outputs: bool = False, threads: int | None = None) -> RunResult:
     """Execute ``schedule`` on ``stages`` over the stream ``(x, y)`` on real devices.
 
     ``devices`` gives one torch device per device the schedule uses (``"cpu,cpu"``,
     ``["cuda:0", "cuda:1"]``; a GPU may repeat: each worker gets its own CUDA stream).
     ``transport`` is ``local`` (threads of this process) or ``distributed`` (one spawned
     process per device, gloo on CPU, NCCL on GPU). The arguments mean what they mean for
-    ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order.
+    ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order;
+    ``threads`` sets each distributed worker's torch threads (default: cores / workers).
     """
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport={transport!r} is unknown; use one of {TRANSPORTS}")
     job = make_job(schedule, stages, x, y, devices=devices, loss=loss, optimizer=optimizer, dtype=dtype,
-                   stash_weights=stash_weights, compensation=compensation, keep_outputs=keep_outputs)
+                   stash_weights=stash_weights, compensation=compensation, keep_outputs=keep_outputs,
+                   threads=threads)
     t0 = time.perf_counter()
     if transport == "local":
         parts = run_local(job)
     else:
         from partime_sim.backends.launch import run_spawned
 
-        parts = run_spawned(job)
+        parts = run_spawned([job])[0]
     return assemble(job, parts, time.perf_counter() - t0, transport)
 
 

@@ -1,0 +1,172 @@
+"""The ``distributed`` transport's processes: spawned here (``partime-sim run --transport
+distributed``) or started by ``torchrun`` (one process per device, on one node or several).
+
+Spawned: the parent writes the job to a file, starts one process per worker (gloo on CPU,
+NCCL on GPU, a free localhost port), and watches them. The first worker that fails writes its
+error and exits; the parent then kills the rest at once and raises that error, so a failure
+never hangs the run. Ctrl-C stops every process.
+
+torchrun: every rank builds the same job from the same command line (same seed, same stream,
+same weights), runs its worker and sends its part to rank 0, which prints the result:
+``torchrun --nproc-per-node 2 -m partime_sim.backends.launch --network mlp --schedule partime
+--devices cpu,cpu --samples 500``. Each process sets its own torch thread count (cores / local
+processes) so stages do not fight for cores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partime_sim.backends.pipeline import Job, run_worker, worker_error
+from partime_sim.errors import ConfigError
+from partime_sim.backends.transport import DistributedTransport
+
+KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SIGKILL
+INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _threads_per_process(local_world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | None,
+                   local_world: int) -> list[list[dict]] | None:
+    """Run one rank of each job in turn, in one process group made here; rank 0 returns every
+    job's parts (one per rank). Several jobs share one start-up (tests, sweeps)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(jobs[0].threads or _threads_per_process(local_world))
+    device = torch.device(jobs[0].devices[rank])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
+    try:
+        gathered = []
+        for job in jobs:
+            transport = DistributedTransport(rank, device, job.dtype, job.workers.incoming[rank])
+            dist.barrier()
+            part = run_worker(job, rank, transport, time.perf_counter_ns())
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(part, parts, dst=0)
+            gathered.append(parts)
+        return gathered if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned_main(rank: int, world: int, port: int, job_path: str, out_dir: str) -> None:
+    """Entry of a spawned worker process: its error, if any, goes to a file for the parent."""
+    try:
+        jobs = torch.load(job_path, weights_only=False)
+        parts = worker_process(jobs, rank, world, f"tcp://127.0.0.1:{port}", world)
+        if rank == 0:
+            torch.save(parts, Path(out_dir) / "parts.pt")
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit non-zero
+        err = {"time": time.time(), "rank": rank, "type": type(exc).__name__, "message": str(exc),
+               "traceback": traceback.format_exc()}
+        (Path(out_dir) / f"error{rank}.json").write_text(json.dumps(err))
+        sys.stderr.flush()
+        os._exit(1)  # no waiting on peers that may be gone
+
+
+def run_spawned(jobs: list[Job]) -> list[list[dict[str, Any]]]:
+    """Run ``jobs`` (same worker count and devices) in turn with one local process per worker;
+    each job's parts; the first failure is raised, naming its worker.
+
+    Workers are fresh interpreters (``python -m partime_sim.backends.launch --spawned ...``), not
+    ``multiprocessing`` children, so the caller's script needs no ``if __name__ == "__main__"`` guard."""
+    import subprocess
+
+    job = jobs[0]
+    world = job.workers.num_workers
+    if any(j.devices != job.devices for j in jobs):
+        raise ConfigError(f"jobs run together must share their devices; got {sorted({str(j.devices) for j in jobs})}")
+    with tempfile.TemporaryDirectory(prefix="partime-run-") as tmp:
+        job_path = str(Path(tmp) / "job.pt")
+        torch.save(jobs, job_path)
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "partime_sim.backends.launch", "--spawned", str(r),
+                                   str(world), str(port), job_path, tmp]) for r in range(world)]
+        try:
+            failed = _watch(procs)
+        except KeyboardInterrupt:
+            _kill(procs)
+            raise
+        if failed is not None:
+            _kill(procs)
+            raise _first_error(Path(tmp), failed, procs[failed].returncode, job)
+        return torch.load(Path(tmp) / "parts.pt", weights_only=False)
+
+
+def _watch(procs: list) -> int | None:
+    """Wait until all exit 0 (None) or one fails (its rank)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        for r, code in enumerate(codes):
+            if code not in (None, 0):
+                return r
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.02)
+
+
+def _kill(procs: list) -> None:
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + KILL_GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _first_error(tmp: Path, failed: int, exitcode: int, job: Job) -> Exception:
+    """The earliest error a worker reported (the cause; later ones are peers losing it)."""
+    errors = [json.loads(f.read_text()) for f in tmp.glob("error*.json")]
+    if not errors:
+        how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
+        return worker_error(failed, job.devices[failed], "WorkerDied",
+                            f"its process {how} without reporting an error (killed, or out of memory?)")
+    first = min(errors, key=lambda e: e["time"])
+    return worker_error(first["rank"], job.devices[first["rank"]], first["type"], first["message"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ... -m partime_sim.backends.launch [run flags]``: this rank's share of ``run``
+    (``--spawned RANK WORLD PORT JOB OUT``: a worker started by ``run_spawned``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--spawned"]:
+        rank, world, port, job_path, out_dir = argv[1:6]
+        _spawned_main(int(rank), int(world), int(port), job_path, out_dir)
+        return 0
+    from partime_sim.cli import main as cli_main
+
+    return cli_main(["run", "--transport", "distributed", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
