@@ -8,7 +8,7 @@ never hangs the run. Ctrl-C stops every process.
 
 torchrun: every rank builds the same job from the same command line (same seed, same stream,
 same weights), runs its worker and sends its part to rank 0, which prints the result:
-``torchrun --nproc-per-node 2 -m partime_sim.backends.launch --network mlp --schedule partime
+``torchrun --standalone --nproc-per-node 2 -m partime_sim.backends.launch --network mlp --schedule partime
 --devices cpu,cpu --samples 500``. Each process sets its own torch thread count (cores / local
 processes) so stages do not fight for cores.
 """
@@ -112,8 +112,9 @@ def run_spawned(jobs: list[Job]) -> list[list[dict[str, Any]]]:
             _kill(procs)
             raise
         if failed is not None:
+            codes = [p.poll() for p in procs]  # before we stop the others
             _kill(procs)
-            raise _first_error(Path(tmp), failed, procs[failed].returncode, job)
+            raise _first_error(Path(tmp), codes, job)
         return torch.load(Path(tmp) / "parts.pt", weights_only=False)
 
 
@@ -144,13 +145,16 @@ def _kill(procs: list) -> None:
             p.wait()
 
 
-def _first_error(tmp: Path, failed: int, exitcode: int, job: Job) -> Exception:
-    """The earliest error a worker reported (the cause; later ones are peers losing it)."""
+def _first_error(tmp: Path, codes: list[int | None], job: Job) -> Exception:
+    """The cause: a worker that died without reporting (killed), else the earliest error a
+    worker reported (later ones are its peers losing their connection to it)."""
     errors = [json.loads(f.read_text()) for f in tmp.glob("error*.json")]
-    if not errors:
-        how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
-        return worker_error(failed, job.devices[failed], "WorkerDied",
-                            f"its process {how} without reporting an error (killed, or out of memory?)")
+    reported = {e["rank"] for e in errors}
+    for rank, code in enumerate(codes):
+        if code not in (None, 0) and rank not in reported:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return worker_error(rank, job.devices[rank], "WorkerDied",
+                                f"its process {how} without reporting an error (killed, or out of memory?)")
     first = min(errors, key=lambda e: e["time"])
     return worker_error(first["rank"], job.devices[first["rank"]], first["type"], first["message"])
 

@@ -54,6 +54,22 @@ _non_negative_float = _bounded(float, 0, False, "a number")
 _positive_float = _bounded(float, 0, True, "a number")
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; give positive sizes joined by x, e.g. 3x32x32")
+    return dims
+
+
+def _json_path(text: str) -> Path:
+    if not text.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text!r}: end the name in .json (simulate takes profiles as JSON files)")
+    return Path(text)
+
+
 def _trace_path(text: str) -> Path:
     path = Path(text)
     if path.suffix not in (".json", ".csv"):
@@ -144,6 +160,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-sequential", action="store_true", help="also train sequentially and report the loss gap")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, default=None, help="write the learning curves (PNG)")
+
+    p = sub.add_parser("profile", help="measure a network's layers and the links on this machine for the simulator",
+                       description="Measure per-layer forward, BI, BW and optimizer times and activation sizes "
+                                   "(one sample, warm-up, medians), and the link latency/bandwidth between the "
+                                   "pipeline's processes (or threads) and host<->device; write one JSON file that "
+                                   "simulate takes as both --network and --cluster.")
+    p.add_argument("--network", required=True, help="catalogue name (see 'partime-sim networks') or module.py:factory")
+    p.add_argument("--device", required=True,
+                   help="cpu, cuda or cuda:N; comma-separate several (cpu alone measures two CPU processes)")
+    p.add_argument("--transport", choices=("distributed", "local"), default="distributed",
+                   help="distributed: one process per stage (gloo/NCCL); local: threads of one process [distributed]")
+    p.add_argument("--input-shape", type=_shape, default=None, help="one sample's shape, e.g. 3x32x32 (factories)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per measurement (median) [10]")
+    p.add_argument("--warmup", type=_bounded(int, 0, False, "an integer"), default=3, help="untimed runs first [3]")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads while timing layers [1 on cpu]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sample [0]")
+    p.add_argument("--out", type=_json_path, default=None, help="write the profile here (FILE.json)")
+    p.add_argument("--json", action="store_true", help="print the profile JSON on stdout")
+
+    p = sub.add_parser("run", help="run the pipeline for real (CPU threads/processes, GPUs, torchrun) and measure it")
+    p.add_argument("--network", required=True, help="catalogue name or path/to/module.py:factory (an nn.Sequential)")
+    p.add_argument("--schedule", required=True, help="sequential, partime, partime-async, gpipe, 1f1b, layerpipe, zb-h1")
+    p.add_argument("--devices", required=True, help="one torch device per pipeline device: cpu,cpu or cuda:0,cuda:1")
+    p.add_argument("--transport", choices=("local", "distributed"), default="local",
+                   help="local: threads of one process; distributed: one process per device [local]")
+    p.add_argument("--samples", type=_positive_int, default=256, help="samples of the stream [256]")
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe, zb-h1)")
+    p.add_argument("--stream", default=None, help="shapes, drift or shuffled:NAME [shapes for classifiers, else drift]")
+    p.add_argument("--optimizer", default="sgd", help="sgd, momentum or adam [sgd]")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate [sgd 0.03, momentum 0.01, adam 1e-3]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stream and the initial weights [0]")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--partition", default="minmax", help="minmax, block, even or sizes like 4,4 [minmax]")
+    p.add_argument("--compensation", default="none", help="staleness compensation: none, stash, pipemare, predict, ema")
+    p.add_argument("--input-shape", type=_shape, default=None, help="one sample's shape, e.g. 3x32x32 (factories)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per worker process (distributed) [cores / processes]")
+    p.add_argument("--trace", type=_trace_path, default=None, help="write the measured trace (.json Perfetto, .csv)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     p = sub.add_parser("networks", help="list the built-in networks")
     p.add_argument("--json", action="store_true")
@@ -280,6 +337,57 @@ def _emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from partime_sim.backends.run import RunConfig, run_config
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.01)
+    cfg = RunConfig(args.network, args.schedule, args.devices, transport=args.transport, samples=args.samples,
+                    mode=args.mode, stream=args.stream, optimizer=args.optimizer, lr=lr, seed=args.seed,
+                    dtype=args.dtype, partition=args.partition, microbatches=args.microbatches,
+                    compensation=args.compensation, input_shape=args.input_shape, threads=args.threads)
+    row, result = run_config(cfg)
+    if row is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if args.trace is not None:
+        _write_trace(result.trace, args.trace)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        shown = [k for k in row if k not in ("loss_curve", "utilization", "transfer_busy", "peak_memory_bytes")]
+        _print_table([{k: row[k] for k in shown}])
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from partime_sim.backends.profiler import profile
+
+    prof = profile(args.network, args.device.split(","), transport=args.transport, dtype=args.dtype,
+                   input_shape=args.input_shape, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
+                   threads=args.threads)
+    if args.out is not None:
+        prof.save(args.out)
+    if args.json:
+        print(json.dumps(prof.to_dict()))
+        return 0
+    cluster = prof.cluster
+    _print_table([{"layer": lay.name, "kind": lay.kind, "fwd_ms": lay.fwd * 1e3, "bi_ms": lay.bwd_input * 1e3,
+                   "bw_ms": lay.bwd_weight * 1e3, "opt_ms": lay.opt * 1e3, "act_bytes": lay.act_bytes}
+                  for lay in prof.network.layers])
+    print(f"link ({args.transport}, {cluster.num_devices} x {cluster.devices[0].kind}): {_link_text(cluster.link)}; "
+          f"host link: {_link_text(cluster.host_link)}; barrier {cluster.barrier_s * 1e6:.1f} us")
+    if args.out is not None:
+        print(f"wrote {args.out}; use it: partime-sim simulate --network {args.out} --cluster {args.out} "
+              f"--schedule partime --devices {cluster.num_devices}")
+    return 0
+
+
+def _link_text(link: Any) -> str:
+    if link.is_ideal:
+        return "ideal"
+    bandwidth = "inf" if link.bandwidth_Bps == float("inf") else f"{link.bandwidth_Bps / 1e9:.3g} GB/s"
+    return f"latency {link.latency_s * 1e6:.1f} us, bandwidth {bandwidth}"
+
+
 def _networks(args: argparse.Namespace) -> int:
     from partime_sim.catalogue import list_networks
 
@@ -320,6 +428,8 @@ COMMANDS = {
     "schedule": _schedule,
     "staleness": _staleness,
     "emulate": _emulate,
+    "profile": _profile,
+    "run": _run,
     "networks": _networks,
     "schedules": _schedules,
     "clusters": _clusters,
