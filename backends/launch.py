@@ -62,7 +62,7 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     try:
         gathered = []
         for job in jobs:
-            transport = DistributedTransport(rank, device, job.dtype, job.workers.incoming[rank])
+            transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank))
             dist.barrier()
             part = run_worker(job, rank, transport, time.perf_counter_ns())
             parts = [None] * world if rank == 0 else None

@@ -133,6 +133,16 @@ class Job:
     workers: WorkerPlan
     keep_outputs: bool = False
     threads: int | None = None  # torch threads per worker process (distributed); None: cores / workers
+    waves: tuple[int, int] = (0, 2**62)  # run the tasks of these waves [lo, hi): a checkpoint cuts at hi
+    resume: list[dict[str, Any]] | None = None  # per-rank states captured at wave lo
+
+    def incoming(self, rank: int) -> dict[int, list[tuple[int, tuple[int, ...]]]]:
+        """The messages rank receives in this job's waves (sent by tasks of those waves)."""
+        lo, hi = self.waves
+        wave = self.schedule.wave
+        got = {peer: [(t, sh) for t, sh in msgs if lo <= wave[t] < hi]
+               for peer, msgs in self.workers.incoming[rank].items()}
+        return {peer: msgs for peer, msgs in got.items() if msgs}
 
 
 class _Clock:
@@ -174,6 +184,17 @@ class _Worker(_Run):
         self.shapes = {task: shape for msgs in wp.incoming[rank].values() for task, shape in msgs}
         self.outputs: dict[int, torch.Tensor] | None = {} if job.keep_outputs else None
         self.clock: _Clock | None = None
+        lo, hi = job.waves
+        wave = job.schedule.wave[self.order]
+        self.order = self.order[(wave >= lo) & (wave < hi)]  # readers outside still count in ``remaining``
+        self.cut = hi if hi < 2**62 else None
+        self.incoming = job.incoming(rank)
+        self.received: set[int] = set()
+        self.checkpoint: dict[str, Any] | None = None
+        if job.resume is not None:
+            from partime_sim.backends.checkpoint import restore
+
+            restore(self, job.resume[rank])
 
     def execute(self, origin_ns: int | None = None) -> None:
         """Run the tasks; times count from ``origin_ns`` (``perf_counter_ns``; default: now)."""
@@ -188,12 +209,24 @@ class _Worker(_Run):
                 continue
             for src in (self.in_src[i], self.co_src[i]):
                 if src >= 0 and src not in store and self.wp.worker_of_task[src] != self.rank:
-                    tensor = self.transport.recv(src, int(self.wp.worker_of_task[src]), self.shapes[src], self.dtype)
-                    store[src] = (_Activation(None, tensor, -1, {}) if kinds[src] == F else _InputGrad(tensor))
+                    self._receive(src)
             clock.stamp()
             self.run_task(i)
             clock.stamp()
         self.transport.finish()
+        if self.cut is not None:  # what was sent to us before the cut is part of our state
+            for peer, msgs in self.incoming.items():
+                for task, _ in msgs:
+                    if task not in self.received:
+                        self._receive(task)
+            from partime_sim.backends.checkpoint import capture
+
+            self.checkpoint = capture(self, self.cut)
+
+    def _receive(self, src: int) -> None:
+        tensor = self.transport.recv(src, int(self.wp.worker_of_task[src]), self.shapes[src], self.dtype)
+        self.store[src] = _Activation(None, tensor, -1, {}) if self.s.kind[src] == F else _InputGrad(tensor)
+        self.received.add(src)
 
     def _keep(self, i: int, value: Any) -> None:
         super()._keep(i, value)
@@ -215,11 +248,11 @@ class _Worker(_Run):
             "rank": self.rank, "tasks": self.order, "start": times[:, 0], "end": times[:, 1],
             "samples": np.flatnonzero(mine), "loss": self.losses[mine],
             "correct": None if self.correct is None else self.correct[mine],
-            "version": self.version[self.order],
+            "all_tasks": self.wp.tasks[self.rank], "version": self.version[self.wp.tasks[self.rank]],
             "state": {k: {n: t.detach().cpu().clone() for n, t in st.module.state_dict().items()}
                       for k, st in enumerate(self.stages) if st is not None},
             "updates": {k: st.version for k, st in enumerate(self.stages) if st is not None},
-            "peak": self.peak, "outputs": self.outputs,
+            "peak": self.peak, "outputs": self.outputs, "checkpoint": self.checkpoint,
         }
 
 
@@ -296,7 +329,9 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *,
                  devices: str | Sequence[str], transport: str = "local", loss: str | None = None,
                  optimizer: OptimizerSpec | None = None, dtype: Any = "float32", stash_weights: bool = True,
-                 compensation: str = "none", keep_outputs: bool = False, threads: int | None = None) -> RunResult:
+                 compensation: str = "none", keep_outputs: bool = False, threads: int | None = None,
+                 checkpoint_at: int | None = None, checkpoint: str | None = None,
+                 resume: str | None = None) -> RunResult | None:
     """Execute ``schedule`` on ``stages`` over the stream ``(x, y)`` on real devices.
 
     ``devices`` gives one torch device per device the schedule uses (``"cpu,cpu"``,
@@ -305,12 +340,35 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
     process per device, gloo on CPU, NCCL on GPU). The arguments mean what they mean for
     ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order;
     ``threads`` sets each distributed worker's torch threads (default: cores / workers).
+
+    Checkpointing: with ``checkpoint_at=W`` and ``checkpoint=PATH`` the run stops once every
+    task of a wave < W (``schedule.wave``) is done, writes every worker's state to PATH and
+    returns None; ``resume=PATH`` (same schedule, stages, stream and settings) goes on from
+    there to the result an uninterrupted run gives, bit for bit (its trace covers the resumed
+    part only).
     """
+    from dataclasses import replace as replaced
+
+    from partime_sim.backends import checkpoint as ckpt
+
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport={transport!r} is unknown; use one of {TRANSPORTS}")
+    if (checkpoint_at is None) != (checkpoint is None):
+        raise ConfigError("checkpoint_at= and checkpoint= go together: the wave to stop at and the file to write")
     job = make_job(schedule, stages, x, y, devices=devices, loss=loss, optimizer=optimizer, dtype=dtype,
                    stash_weights=stash_weights, compensation=compensation, keep_outputs=keep_outputs,
                    threads=threads)
+    if checkpoint_at is not None:
+        last = int(schedule.wave.max())
+        if isinstance(checkpoint_at, bool) or not isinstance(checkpoint_at, int) or not 0 < checkpoint_at <= last:
+            raise ConfigError(f"checkpoint_at={checkpoint_at!r} is not a wave inside the run; use 1..{last}")
+        job = replaced(job, waves=(0, checkpoint_at))
+    if resume is not None:
+        states = ckpt.load(resume)
+        if len(states) != job.workers.num_workers:
+            raise ConfigError(f"checkpoint {resume!r} has {len(states)} workers but this run has "
+                              f"{job.workers.num_workers}; resume with the settings that wrote it")
+        job = replaced(job, waves=(states[0]["cut"], 2**62), resume=states)
     t0 = time.perf_counter()
     if transport == "local":
         parts = run_local(job)
@@ -318,6 +376,9 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
         from partime_sim.backends.launch import run_spawned
 
         parts = run_spawned([job])[0]
+    if checkpoint is not None:
+        ckpt.save([p["checkpoint"] for p in sorted(parts, key=lambda p: p["rank"])], checkpoint)
+        return None
     return assemble(job, parts, time.perf_counter() - t0, transport)
 
 
@@ -380,7 +441,7 @@ def assemble(job: Job, parts: Sequence[dict[str, Any]], wall_s: float, transport
         losses[p["samples"]] = p["loss"]
         if correct is not None:
             correct[p["samples"]] = p["correct"]
-        version[p["tasks"]] = p["version"]
+        version[p["all_tasks"]] = p["version"]
         state.update(p["state"])
         updates.update(p["updates"])
         outputs.update(p["outputs"] or {})

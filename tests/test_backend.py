@@ -173,3 +173,38 @@ def test_torchrun_command_from_the_readme(capsys) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1 and rows[0]["final_loss"] == expected and rows[0]["transport"] == "distributed"
+
+
+@pytest.mark.parametrize("name,S,comp", [("partime", 3, "none"), ("1f1b", 3, "predict"), ("layerpipe", 2, "ema"),
+                                         ("gpipe", 2, "none"), ("partime-async", 4, "stash")])
+def test_checkpoint_and_resume_equal_an_uninterrupted_run(name: str, S: int, comp: str, tmp_path) -> None:
+    sched, stages, devices = _case(name, S)
+    kw = dict(devices=devices, optimizer=OptimizerSpec("adam", lr=0.01), dtype="float64", compensation=comp)
+    full = run_pipeline(sched, stages, STREAM.x, STREAM.y, **kw)
+    for cut in (3, int(sched.wave.max()) // 2, int(sched.wave.max()) - 1):
+        path = str(tmp_path / f"cut{cut}.pt")
+        assert run_pipeline(sched, stages, STREAM.x, STREAM.y, checkpoint_at=cut, checkpoint=path, **kw) is None
+        resumed = run_pipeline(sched, stages, STREAM.x, STREAM.y, resume=path, **kw)
+        _assert_same(full, resumed)
+        assert resumed.trace["start"].size < len(sched)  # only the resumed part ran
+
+
+def test_checkpoint_and_resume_on_the_distributed_transport(tmp_path) -> None:
+    sched, stages, devices = _case("1f1b", 2)
+    kw = dict(devices=devices, optimizer=OptimizerSpec("momentum", lr=0.02), dtype="float64", transport="distributed")
+    full = run_pipeline(sched, stages, STREAM.x, STREAM.y, **{**kw, "transport": "local"})
+    path = str(tmp_path / "ck.pt")
+    run_pipeline(sched, stages, STREAM.x, STREAM.y, checkpoint_at=int(sched.wave.max()) // 2, checkpoint=path, **kw)
+    _assert_same(full, run_pipeline(sched, stages, STREAM.x, STREAM.y, resume=path, **kw))
+
+
+def test_bad_checkpoint_settings_are_refused(tmp_path) -> None:
+    sched, stages, devices = _case("partime", 2)
+    with pytest.raises(ConfigError, match="checkpoint_at=999999"):
+        run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, checkpoint_at=999999,
+                     checkpoint=str(tmp_path / "c.pt"))
+    with pytest.raises(ConfigError, match="go together"):
+        run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, checkpoint_at=3)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="junk.pt"):
+        run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, resume=str(tmp_path / "junk.pt"))
