@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     except BrokenPipeError:  # e.g. `partime-sim schedule ... | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: the run's workers are already stopped
+        print("partime-sim: interrupted", file=sys.stderr)
+        return 130
 
 
 # ---- commands --------------------------------------------------------------------------------

@@ -208,3 +208,19 @@ def test_bad_checkpoint_settings_are_refused(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="junk.pt"):
         run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, resume=str(tmp_path / "junk.pt"))
+
+
+@pytest.mark.parametrize("transport", ["local", "distributed"])
+def test_ctrl_c_stops_every_process(transport: str) -> None:
+    import signal
+
+    cmd = [sys.executable, "-m", "partime_sim.cli", "run", "--network", "mlp", "--schedule", "partime",
+           "--devices", "cpu,cpu", "--samples", "100000", "--transport", transport]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(8)  # past start-up: the workers are running
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []  # no worker left behind
