@@ -191,6 +191,9 @@ class _Worker(_Run):
         self.incoming = job.incoming(rank)
         self.received: set[int] = set()
         self.checkpoint: dict[str, Any] | None = None
+        self.pinned: torch.Tensor | None = None
+        if device.type == "cuda" and wp.worker_of_stage[0] == rank:  # inputs copied from pinned memory
+            self.pinned = torch.as_tensor(np.asarray(job.x), dtype=job.dtype).pin_memory()
         if job.resume is not None:
             from partime_sim.backends.checkpoint import restore
 
@@ -222,6 +225,11 @@ class _Worker(_Run):
             from partime_sim.backends.checkpoint import capture
 
             self.checkpoint = capture(self, self.cut)
+
+    def _sample_input(self, m: int) -> torch.Tensor:
+        if self.pinned is None:
+            return super()._sample_input(m)
+        return self.pinned[m:m + 1].to(self.device, non_blocking=True)
 
     def _receive(self, src: int) -> None:
         tensor = self.transport.recv(src, int(self.wp.worker_of_task[src]), self.shapes[src], self.dtype)
