@@ -224,3 +224,19 @@ def test_ctrl_c_stops_every_process(transport: str) -> None:
     assert proc.returncode == 130 and "interrupted" in err
     left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert left == []  # no worker left behind
+
+
+def test_cli_run_takes_a_factory_and_any_catalogue_network(capsys, tmp_path) -> None:
+    factory = tmp_path / "my_model.py"
+    factory.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), "
+                       "nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))\n")
+    assert main(["run", "--network", f"{factory}:build", "--input-shape", "3x8x8", "--schedule", "1f1b",
+                 "--devices", "cpu,cpu", "--samples", "16", "--stream", "shapes", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["partition"] == [2, 2] and row["samples"] == 16 and 0 <= row["online_accuracy"] <= 1
+    assert main(["run", "--network", "partime-conv30@16", "--schedule", "partime", "--mode", "infer",
+                 "--devices", "cpu,cpu", "--samples", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["samples"] == 6 and "final_loss" not in row and sum(row["partition"]) == 30
+    assert main(["run", "--network", f"{factory}:build", "--schedule", "1f1b", "--devices", "cpu,cpu"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
