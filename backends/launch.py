@@ -36,7 +36,8 @@ KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SI
 INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost for a process group's rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -103,7 +104,7 @@ def run_spawned(jobs: list[Job]) -> list[list[dict[str, Any]]]:
     with tempfile.TemporaryDirectory(prefix="partime-run-") as tmp:
         job_path = str(Path(tmp) / "job.pt")
         torch.save(jobs, job_path)
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, "-m", "partime_sim.backends.launch", "--spawned", str(r),
                                    str(world), str(port), job_path, tmp]) for r in range(world)]
         try:

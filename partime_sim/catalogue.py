@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from partime_sim.errors import ConfigError
-from partime_sim.network import Layer, Network
+from partime_sim.network import Layer, Network, load_json
 
 # Reference device: NVIDIA H100 SXM5 80GB. Source: NVIDIA H100 Tensor Core GPU datasheet
 # (FP32 67 TFLOPS without tensor cores; HBM3 3.35 TB/s; 80 GB). Every cost in the catalogue
@@ -262,11 +262,30 @@ def _parse_int(text: str, what: str, spec: str, minimum: int, example: str) -> i
     return int(text)
 
 
+PROFILE_KIND = "partime-sim-profile"  # top-level "kind" of a profiler output (backends/profiler.py)
+
+
+def is_profile(data: Any) -> bool:
+    """Whether loaded JSON is a profile file: one file holding a measured network and cluster."""
+    return isinstance(data, dict) and data.get("kind") == PROFILE_KIND
+
+
+def profile_part(data: dict[str, Any], key: str, path: str | Path) -> dict[str, Any]:
+    """The ``network`` or ``cluster`` section of a loaded profile file, or a ConfigError naming the file."""
+    part = data.get(key)
+    if not isinstance(part, dict):
+        raise ConfigError(f"profile file {str(path)!r} has no {key!r} section; "
+                          "regenerate it with 'partime-sim profile ... --out FILE.json'")
+    return part
+
+
 def get_network(spec: str) -> Network:
-    """A catalogue network by name (``uniform:8``, ``resnet50@256``...) or a Network JSON file."""
+    """A catalogue network by name (``uniform:8``, ``resnet50@256``...), a Network JSON file, or a
+    profile file from ``partime-sim profile`` (its measured network)."""
     spec = str(spec).strip()
     if spec.endswith(".json"):
-        return Network.load(Path(spec))
+        data = load_json(spec)
+        return Network.from_dict(profile_part(data, "network", spec) if is_profile(data) else data)
     if spec.startswith("uniform:"):
         parts = spec.split(":")
         if len(parts) not in (2, 3):

@@ -7,13 +7,14 @@ directed device pair has its own link resource unless links name a shared ``medi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partime_sim.catalogue import REF_PEAK_FLOPS
+from partime_sim.catalogue import REF_PEAK_FLOPS, is_profile, profile_part
 from partime_sim.errors import ConfigError
 from partime_sim.network import load_json
 
@@ -134,6 +135,11 @@ class Cluster:
         return cls.from_dict(load_json(path))
 
 
+def barrier_rounds(num_devices: int) -> int:
+    """Message rounds of a dissemination barrier: ceil(log2 n) (Hensgen, Finkel & Manber 1988)."""
+    return math.ceil(math.log2(num_devices)) if num_devices > 1 else 0
+
+
 def ideal_cluster(num_devices: int) -> Cluster:
     """Identical reference devices, zero-cost links: the analytic baseline."""
     return Cluster("ideal", tuple(Device(f"dev{i}") for i in range(num_devices)))
@@ -163,8 +169,8 @@ class Preset:
         speed = self.peak_flops / REF_PEAK_FLOPS
         devices = tuple(Device(f"{self.kind}:{i}", self.kind, speed, self.memory_bytes, self.copy_engines)
                         for i in range(num_devices))
-        # dissemination barrier: ceil(log2 n) rounds of one message (Hensgen, Finkel & Manber 1988)
-        barrier_s = math.ceil(math.log2(num_devices)) * self.link.latency_s if num_devices > 1 else 0.0
+        # dissemination barrier: one message latency per round
+        barrier_s = barrier_rounds(num_devices) * self.link.latency_s
         return Cluster(name, devices, link=self.link, host_link=self.host_link, barrier_s=barrier_s)
 
 
@@ -225,10 +231,14 @@ PRESETS: dict[str, str] = {
 }
 
 
-def cluster_preset(name: str, num_devices: int) -> Cluster:
-    """A named homogeneous cluster of ``num_devices`` devices (see ``PRESETS``)."""
+def _check_count(num_devices: int) -> None:
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
         raise ConfigError(f"num_devices={num_devices!r} is invalid; give an integer >= 1")
+
+
+def cluster_preset(name: str, num_devices: int) -> Cluster:
+    """A named homogeneous cluster of ``num_devices`` devices (see ``PRESETS``)."""
+    _check_count(num_devices)
     if name == "ideal":
         return ideal_cluster(num_devices)
     if name not in _PRESETS:
@@ -237,14 +247,37 @@ def cluster_preset(name: str, num_devices: int) -> Cluster:
 
 
 def load_cluster(spec: str, num_devices: int) -> Cluster:
-    """A preset name, or a Cluster JSON file (``*.json``) with at least ``num_devices`` devices."""
+    """A preset name, a Cluster JSON file (``*.json``) with at least ``num_devices`` devices, or a
+    profile file from ``partime-sim profile`` (see ``resize_profiled``)."""
     spec = str(spec).strip()
     if not spec.endswith(".json"):
         return cluster_preset(spec, num_devices)
-    cluster = Cluster.load(spec)
+    data = load_json(spec)
+    if is_profile(data):
+        return resize_profiled(Cluster.from_dict(profile_part(data, "cluster", spec)), num_devices)
+    cluster = Cluster.from_dict(data)
     if cluster.num_devices < num_devices:
         raise ConfigError(
             f"cluster file {spec!r} has {cluster.num_devices} devices but {num_devices} are needed; "
             "add devices to the file or use fewer"
         )
     return cluster
+
+
+def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
+    """A profiled cluster with ``num_devices`` devices.
+
+    The same count returns it as measured. Another count gives ``num_devices`` copies of its
+    first device (the profiled device class, so the network's measured costs apply, speed 1.0)
+    joined by its default link, with its host link, and its barrier rescaled by dissemination
+    rounds: a profile of two CPU processes already says what any pair of them costs, so one
+    profile serves every device count (per-pair overrides are dropped).
+    """
+    _check_count(num_devices)
+    if num_devices == cluster.num_devices:
+        return cluster
+    first = cluster.devices[0]
+    devices = tuple(dataclasses.replace(first, name=f"{first.kind}:{i}") for i in range(num_devices))
+    per_round = cluster.barrier_s / max(barrier_rounds(cluster.num_devices), 1)
+    return Cluster(cluster.name, devices, link=cluster.link, host_link=cluster.host_link,
+                   barrier_s=barrier_rounds(num_devices) * per_round)

@@ -1,0 +1,546 @@
+"""Profiler: measure a model's per-layer costs and the links between devices, and write them as
+the Network + Cluster the simulator loads.
+
+Why: the catalogue's analytic costs are a roofline on a reference GPU; a prediction for *this*
+machine has to come from numbers measured on it. ``profile`` measures, per top-level child of
+an ``nn.Sequential`` (the pipeline layers), the forward time, the input-gradient (BI) and
+weight-gradient (BW) times, one optimizer step, and the activation size, on a batch of one
+sample (costs are per sample); and the one-way time of a tensor between two pipeline processes
+(or threads) over a range of sizes, fitted as ``latency + bytes / bandwidth``. The result is
+one JSON file (``Profile.save``) that ``--network`` and ``--cluster`` both accept.
+
+Timing: warm-up runs, then the median of ``repeats`` runs (robust to the odd descheduled run);
+``time.perf_counter_ns`` on CPU, CUDA events on a GPU. On CPU the layers are timed with one
+torch thread by default, because the backend runs each stage as one single-threaded process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from partime_sim.catalogue import PROFILE_KIND, is_profile, profile_part
+from partime_sim.cluster import Cluster, Device, Link, barrier_rounds
+from partime_sim.errors import ConfigError, PartimeError
+from partime_sim.network import Layer, Network, load_json
+from partime_sim.optimizers import OptimizerSpec, make_torch_optimizer
+
+TRANSPORTS = ("distributed", "local")
+# one-way message sizes for the link fit: 4 B .. 16 MiB in powers of 4 (latency- to bandwidth-bound)
+LINK_SIZES = tuple(4 * 4**k for k in range(12))
+LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
+DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
+
+
+# ---- devices ---------------------------------------------------------------------------------
+
+def parse_devices(devices: str | Sequence[str]) -> list[torch.device]:
+    """``"cpu,cpu"`` or ``["cuda:0", "cuda:1"]``, checked as the backend checks its ``--devices``."""
+    from partime_sim.backends.pipeline import parse_devices as checked
+
+    return [torch.device(d) for d in checked(devices)]
+
+
+def device_class(device: torch.device) -> str:
+    """The device class the measured costs are filed under (``Network.class_costs``, ``Device.kind``):
+    ``cpu``, or ``cuda:`` + the GPU's name as a slug (``cuda:nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return "cuda:" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` untimed calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        _sync(device)
+        with torch.cuda.device(device):
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e-3)  # ms -> s
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            fn()
+            times.append((time.perf_counter_ns() - t0) * 1e-9)
+    return float(np.median(times))
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats={repeats!r} is invalid; give an integer >= 1 (timed runs per measurement)")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup={warmup!r} is invalid; give an integer >= 0 (untimed runs first)")
+
+
+class _Threads:
+    """``torch.set_num_threads(n)`` for the duration of a ``with`` block (None: leave as is)."""
+
+    def __init__(self, n: int | None) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"threads={n!r} is invalid; give an integer >= 1 or None")
+        self.n, self.saved = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.saved)
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+def _kind(module: nn.Module) -> str:
+    """Class name; a Sequential shows its children's (``Linear+ReLU``)."""
+    if isinstance(module, nn.Sequential) and len(module):
+        return "+".join(type(m).__name__ for m in module)
+    return type(module).__name__
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def profile_layers(
+    model: nn.Sequential,
+    input_shape: Sequence[int],
+    device: str = "cpu",
+    dtype: Any = "float32",
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+    optimizer: OptimizerSpec | None = None,
+    seed: int = 0,
+    name: str = "profiled",
+) -> Network:
+    """Measure each top-level child of ``model`` on one sample and return the Network.
+
+    Child k gets the real input it gets in the chain (the previous child's output on a seeded
+    random sample), as a fresh leaf that requires grad, so BI (``autograd.grad`` w.r.t. that input
+    only) is measured for every child, the first included, although a pipeline never needs the
+    first stage's input-gradient: the simulator can then place any child first. BW is the
+    gradient w.r.t. the child's weights only (0 without weights); both reuse one forward graph
+    and a random cotangent. ``opt`` is one step of ``optimizer`` (the backend's plain SGD by
+    default, torch's single-tensor path) on the child's weights. Per-sample sizes: ``act_bytes``
+    is the child's output, ``param_bytes`` its weights, ``input_bytes`` the sample.
+
+    ``model`` is copied (the measured SGD steps do not touch it). ``threads``: torch CPU threads
+    while timing, restored after; default 1 on CPU (the backend's one thread per stage process).
+    The Network's layer costs are this device's seconds, and ``class_costs`` files the same rows
+    under ``device_class(device)`` so a cluster of that class picks them.
+    """
+    from partime_sim.models import _torch_dtype
+
+    if not isinstance(model, nn.Sequential) or not len(model):
+        raise ConfigError(f"model is a {type(model).__name__}; profile an nn.Sequential whose children are "
+                          "the pipeline layers")
+    _check_counts(warmup, repeats)
+    dev = parse_devices([device])[0]
+    tdtype = _torch_dtype(dtype)
+    model = copy.deepcopy(model).to(dev, tdtype)
+    opt_spec = optimizer or OptimizerSpec("sgd")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *(int(s) for s in input_shape)), generator=gen, dtype=tdtype).to(dev)
+    input_bytes = _nbytes(x)
+    layers, rows = [], []
+    with _Threads(threads if threads is not None else (1 if dev.type == "cpu" else None)):
+        for child_name, child in model.named_children():
+            inp = x.detach().requires_grad_(True)
+            try:
+                out = child(inp)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise ConfigError(f"layer {child_name!r} ({_kind(child)}) cannot take an input of shape "
+                                  f"{tuple(inp.shape[1:])}: {str(exc).strip().splitlines()[0]}; check "
+                                  "--input-shape and the layer sizes") from None
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                raise ConfigError(f"layer {child_name!r} ({_kind(child)}) does not return a differentiable "
+                                  "tensor; every pipeline layer must map a tensor to a tensor")
+            params = [p for p in child.parameters() if p.requires_grad]
+            cot = torch.randn(out.shape, generator=gen, dtype=tdtype).to(dev)
+            fwd = median_time(lambda: child(inp), dev, warmup, repeats)
+            bi = median_time(lambda: torch.autograd.grad(out, [inp], cot, retain_graph=True), dev, warmup, repeats)
+            bw = opt = 0.0
+            if params:
+                def weight_grads() -> tuple[torch.Tensor | None, ...]:
+                    return torch.autograd.grad(out, params, cot, retain_graph=True, allow_unused=True)
+
+                bw = median_time(weight_grads, dev, warmup, repeats)
+                for p, g in zip(params, weight_grads()):
+                    p.grad = g
+                step = make_torch_optimizer(opt_spec, params).step  # last: it changes weights the graph saved
+                opt = median_time(step, dev, warmup, repeats)
+            layers.append(Layer(child_name, fwd, bi, bw, act_bytes=_nbytes(out) // out.shape[0],
+                                param_bytes=sum(_nbytes(p) for p in child.parameters()), opt=opt,
+                                kind=_kind(child)))
+            rows.append((fwd, bi, bw))
+            x = out.detach()
+    return Network(name, tuple(layers), input_bytes=input_bytes,
+                   class_costs={device_class(dev): tuple(rows)})
+
+
+# ---- links -----------------------------------------------------------------------------------
+
+def fit_link(nbytes: Sequence[float], seconds: Sequence[float]) -> Link:
+    """Non-negative least-squares fit of ``seconds = latency + nbytes / bandwidth``.
+
+    Residuals are relative (each point weighted by 1 / its time), so the small messages set the
+    latency and the large ones the bandwidth, instead of the largest message deciding both. With
+    two unknowns the constrained optimum is the best feasible one of: the unconstrained fit, the
+    fit through the origin (latency 0) and the constant fit (bandwidth inf).
+    """
+    x, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
+    if x.shape != t.shape or x.ndim != 1 or x.size < 2:
+        raise ConfigError(f"link fit needs two equal-length lists of >= 2 points, got {x.shape} sizes and "
+                          f"{t.shape} times")
+    if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(x >= 0)):
+        raise ConfigError("link fit needs times > 0 and sizes >= 0; measure again")
+    scale = max(float(x.max()), 1.0)  # conditioning: sizes span 4 B .. 16 MiB
+    a = np.column_stack([np.ones_like(x), x / scale]) / t[:, None]
+    y = np.ones_like(t)  # t / t
+
+    def solve(cols: list[int]) -> np.ndarray:
+        coef = np.zeros(2)
+        coef[cols] = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+        return coef
+
+    candidates = [c for c in (solve([0, 1]), solve([1]), solve([0])) if np.all(c >= 0)]
+    best = min(candidates, key=lambda c: float(np.sum((a @ c - y) ** 2)), default=np.zeros(2))
+    latency, per_byte = float(best[0]), float(best[1]) / scale
+    return Link(latency_s=latency, bandwidth_Bps=1.0 / per_byte if per_byte > 0 else math.inf)
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """Measured links: the default device<->device link, per-pair links where they differ, the
+    host<->device link, one barrier of two participants (one dissemination round), and the raw
+    (bytes, one-way seconds) points of each fit."""
+
+    link: Link
+    host_link: Link
+    barrier_s: float = 0.0
+    pairs: dict[tuple[int, int], Link] = field(default_factory=dict)
+    points: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, out: Any) -> None:
+    """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
+    round trip / 2), then times ``dist.barrier``; rank 0 reports ``("ok", points, barrier_s)``."""
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)  # as a backend stage process runs
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+        points = []
+        for nbytes in sizes:
+            buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
+            times = []
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter_ns()
+                if rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+                if i >= warmup:
+                    times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
+            points.append([float(_nbytes(buf)), float(np.median(times))])
+        barrier = []
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter_ns()
+            dist.barrier()
+            if i >= warmup:
+                barrier.append((time.perf_counter_ns() - t0) * 1e-9)
+        dist.destroy_process_group()
+        if rank == 0:
+            out.put(("ok", points, float(np.median(barrier))))
+    except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
+        out.put(("error", rank, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+
+
+def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
+                  timeout_s: float = LINK_TIMEOUT_S) -> tuple[list[list[float]], float]:
+    """Spawn two local gloo processes; their (bytes, one-way s) points and barrier seconds.
+    A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
+    from partime_sim.backends.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_link_worker, args=(r, port, list(sizes), warmup, repeats, out), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                msg = out.get(timeout=0.2)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise PartimeError(f"link worker rank {dead[0][0]} exited with code {dead[0][1]} before "
+                                       "reporting; run again, or use --transport local") from None
+                if time.monotonic() > deadline:
+                    raise PartimeError(f"link measurement did not finish in {timeout_s:g} s (gloo on 127.0.0.1); "
+                                       "check that loopback TCP works, or use --transport local") from None
+                continue
+            if msg[0] == "error":
+                raise PartimeError(f"link worker rank {msg[1]} failed: {msg[2]}; check that loopback TCP "
+                                   "works (GLOO_SOCKET_IFNAME), or use --transport local")
+            return msg[1], msg[2]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        out.close()
+
+
+def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Local transport: one-way seconds of handing a tensor to another worker thread through the
+    backend's own ``LocalTransport`` (round trip / 2; no copy on one device), and seconds of its
+    two-worker barrier. A failing echo thread aborts the hub, so nothing waits forever."""
+    from partime_sim.backends.transport import LocalHub, LocalTransport
+
+    hub = LocalHub(2)
+    main, peer = LocalTransport(hub, 0, device), LocalTransport(hub, 1, device)
+    item = torch.zeros(1, device=device)
+    rounds = warmup + repeats
+
+    def echo() -> None:
+        try:
+            for i in range(rounds):
+                peer.send(2 * i + 1, 0, peer.recv(2 * i, 0, tuple(item.shape), item.dtype))
+            for _ in range(rounds):
+                peer.barrier()
+        except BaseException:
+            hub.abort()
+            raise
+
+    worker = threading.Thread(target=echo, daemon=True)
+    worker.start()
+    hand, wait = [], []
+    for i in range(rounds):
+        t0 = time.perf_counter_ns()
+        main.send(2 * i, 1, item)
+        main.recv(2 * i + 1, 1, tuple(item.shape), item.dtype)
+        hand.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        main.barrier()
+        wait.append((time.perf_counter_ns() - t0) * 1e-9)
+    worker.join()
+    return float(np.median(hand[warmup:])), float(np.median(wait[warmup:]))
+
+
+def _copy_points(src: torch.device, dst: torch.device, sizes: Sequence[int], warmup: int,
+                 repeats: int) -> list[list[float]]:
+    """(bytes, seconds) of ``.to(dst, non_blocking=True)`` copies from ``src`` (pinned when on the
+    host), each until both GPUs are synchronised: host-clock timing, because a peer copy may run
+    on either device's stream, which CUDA events on one stream would not bracket."""
+    gpus = {d for d in (src, dst) if d.type == "cuda"}
+
+    def copy_and_wait(buf: torch.Tensor) -> None:
+        buf.to(dst, non_blocking=True)
+        for gpu in gpus:
+            _sync(gpu)
+
+    points = []
+    for nbytes in sizes:
+        buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=src)
+        if src.type == "cpu":
+            buf = buf.pin_memory()
+        points.append([float(_nbytes(buf)), median_time(lambda: copy_and_wait(buf), torch.device("cpu"),
+                                                          warmup, repeats)])
+    return points
+
+
+def profile_links(
+    devices: Sequence[str],
+    transport: str = "distributed",
+    sizes: Sequence[int] = LINK_SIZES,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> LinkProfile:
+    """Measure the links a pipeline over ``devices`` uses.
+
+    ``devices``: a list or a comma-separated string (``"cpu,cpu"``), checked as the backend does.
+    CPU, ``distributed``: two spawned gloo processes on 127.0.0.1 ping-pong float32 tensors of
+    each size in ``sizes`` (medians of ``repeats``), fitted by ``fit_link``; every CPU pair is
+    such a pair, so one measurement serves them all. CPU, ``local``: stages are threads of one
+    process handing tensors over the backend's ``LocalTransport``: the handoff latency, bandwidth
+    inf (no copy). The host link of a CPU is ideal (the inputs are already in host memory).
+    CUDA (untested without a GPU): the host link is fitted from pinned host -> device copies and
+    each pair of distinct GPUs from device -> device copies; a pipeline of several processes or
+    threads on one GPU costs the handoff only (distributed NCCL cannot pair two ranks on one GPU).
+    """
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
+    _check_counts(warmup, repeats)
+    devs = parse_devices(devices)
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ConfigError(f"sizes={sizes!r}: give at least two message sizes >= 1 byte")
+    if all(d.type == "cpu" for d in devs):
+        if transport == "local":
+            handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
+            return LinkProfile(Link(latency_s=handoff), Link(), barrier)
+        points, barrier = _measure_gloo(sizes, warmup, repeats)
+        return LinkProfile(fit_link(*zip(*points)), Link(), barrier, points={"cpu->cpu": points})
+    if any(d.type == "cpu" for d in devs):
+        raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")
+    host_pts = _copy_points(torch.device("cpu"), devs[0], sizes, warmup, repeats)
+    handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
+    pairs, points = {}, {"host->" + str(devs[0]): host_pts}
+    for i, src in enumerate(devs):
+        for j, dst in enumerate(devs):
+            if i != j and src != dst:
+                pts = _copy_points(src, dst, sizes, warmup, repeats)
+                pairs[(i, j)] = fit_link(*zip(*pts))
+                points[f"{src}->{dst}"] = pts
+    default = next(iter(pairs.values()), Link(latency_s=handoff))
+    return LinkProfile(default, fit_link(*zip(*host_pts)), barrier,
+                       {k: v for k, v in pairs.items() if v != default}, points)
+
+
+# ---- the profile file ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    """A measured Network and Cluster, and how they were measured (``meta``)."""
+
+    network: Network
+    cluster: Cluster
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": PROFILE_KIND, "network": self.network.to_dict(), "cluster": self.cluster.to_dict(),
+                "meta": self.meta}
+
+    def save(self, path: str | Path) -> None:
+        """One JSON file that ``--network`` and ``--cluster`` both accept."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def load_profile(path: str | Path) -> Profile:
+    data = load_json(path)
+    if not is_profile(data):
+        raise ConfigError(f"file {str(path)!r} is not a partime-sim profile (no \"kind\": {PROFILE_KIND!r}); "
+                          "make one with 'partime-sim profile ... --out FILE.json'")
+    return Profile(Network.from_dict(profile_part(data, "network", path)),
+                   Cluster.from_dict(profile_part(data, "cluster", path)), dict(data.get("meta", {})))
+
+
+def _machine() -> str:
+    """CPU model (Linux /proc/cpuinfo) or the platform's processor string, and the core count."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpu or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+
+
+def profile(
+    spec: str,
+    devices: Sequence[str] = ("cpu",),
+    transport: str = "distributed",
+    dtype: str = "float32",
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+    link_sizes: Sequence[int] = LINK_SIZES,
+) -> Profile:
+    """Profile the model ``spec`` (a catalogue name or ``path/to/module.py:factory``) on ``devices``.
+
+    Layers are measured once per distinct device class (the first device of the class); links as
+    ``profile_links`` says. The cluster has one device per given device, and at least two (a
+    pipeline needs two processes or threads, so ``cpu`` alone measures two CPU processes), each of
+    its class with speed 1.0, so the simulator takes the measured costs.
+    """
+    from partime_sim.torch_networks import resolve_model
+
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
+    _check_counts(warmup, repeats)
+    devs = parse_devices(devices)
+    resolved = resolve_model(spec, seed=seed, dtype=dtype, input_shape=None if input_shape is None
+                             else tuple(input_shape))
+    per_class: dict[str, Network] = {}
+    for dev in devs:
+        cls = device_class(dev)
+        if cls not in per_class:
+            per_class[cls] = profile_layers(resolved.model, resolved.input_shape, str(dev), dtype, warmup=warmup,
+                                            repeats=repeats, threads=threads, seed=seed)
+    first = next(iter(per_class.values()))
+    analytic = resolved.network if resolved.network.num_layers == first.num_layers else None
+    layers = tuple(lay if analytic is None else dataclasses.replace(lay, flops=analytic.layers[i].flops)
+                   for i, lay in enumerate(first.layers))
+    network = Network(f"{resolved.name}[{'+'.join(per_class)}]", layers, first.input_bytes,
+                      {cls: net.class_costs[cls] for cls, net in per_class.items()})
+    links = profile_links([str(d) for d in devs], transport, link_sizes)
+    count = max(len(devs), 2)
+    classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
+    memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
+              for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
+    cluster = Cluster(
+        f"profiled:{'+'.join(per_class)}:{transport}",
+        tuple(Device(f"{cls}:{i}", cls, 1.0, mem) for i, (cls, mem) in enumerate(zip(classes, memory))),
+        link=links.link, links={k: v for k, v in links.pairs.items() if max(k) < count},
+        host_link=links.host_link, barrier_s=links.barrier_s * barrier_rounds(count),
+    )
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(), "torch": torch.__version__, "python": platform.python_version(),
+        "spec": spec, "devices": [str(d) for d in devs], "transport": transport, "dtype": dtype,
+        "input_shape": list(resolved.input_shape), "seed": seed, "warmup": warmup, "repeats": repeats,
+        "threads": threads if threads is not None else (1 if devs[0].type == "cpu" else torch.get_num_threads()),
+        "link_points": links.points,
+        "barrier_per_round_s": links.barrier_s,
+    }
+    return Profile(network, cluster, meta)

@@ -1,0 +1,224 @@
+"""The profiler: per-layer measurements, the link fit, the profile file, and the simulator
+loading it (network and cluster from one file). Timings are only compared with each other
+(ratios, > 0), never with a wall-clock limit."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from partime_sim.backends.profiler import (
+    Profile, fit_link, load_profile, profile, profile_layers, profile_links,
+)
+from partime_sim.catalogue import get_network
+from partime_sim.cli import main
+from partime_sim.cluster import Cluster, Device, Link, load_cluster
+from partime_sim.errors import ConfigError
+from partime_sim.generators import generate
+from partime_sim.models import build_torch_model, input_shape
+from partime_sim.partition import even_partition
+from partime_sim.simulate import simulate
+
+FAST = dict(warmup=1, repeats=3)
+
+
+def _output_bytes(model: nn.Sequential, shape: tuple[int, ...]) -> list[int]:
+    x, sizes = torch.zeros((1, *shape)), []
+    with torch.no_grad():
+        for child in model:
+            x = child(x)
+            sizes.append(x[0].numel() * x.element_size())
+    return sizes
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlp", "lenet"])
+def test_one_layer_per_child_with_real_sizes_and_times(name):
+    model = build_torch_model(name)
+    before = [p.detach().clone() for p in model.parameters()]
+    shape = input_shape(name)
+    net = profile_layers(model, shape, name=name, **FAST)
+    assert [lay.name for lay in net.layers] == [n for n, _ in model.named_children()]
+    assert [lay.act_bytes for lay in net.layers] == _output_bytes(model, shape)
+    assert [lay.param_bytes for lay in net.layers] == [sum(p.numel() * 4 for p in c.parameters()) for c in model]
+    assert net.input_bytes == math.prod(shape) * 4
+    for lay, child in zip(net.layers, model):
+        has_weights = any(True for _ in child.parameters())
+        assert lay.fwd > 0 and lay.bwd_input > 0  # the first child's BI too (its input is made to require grad)
+        assert (lay.bwd_weight > 0) == has_weights and (lay.opt > 0) == has_weights
+    if name == "lenet":
+        assert [lay.kind for lay in net.layers[:2]] == ["Conv2d+ReLU", "MaxPool2d"]
+        assert net.layers[1].bwd_weight == 0.0
+    rows = net.class_costs["cpu"]
+    assert rows == tuple((lay.fwd, lay.bwd_input, lay.bwd_weight) for lay in net.layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # timed SGD steps ran on a copy
+
+
+def test_heavier_layer_measures_slower():
+    model = nn.Sequential()
+    model.add_module("light", nn.Linear(64, 64))
+    model.add_module("heavy", nn.Sequential(nn.Linear(64, 2048), nn.Linear(2048, 2048)))
+    light, heavy = profile_layers(model, (64,), warmup=2, repeats=7).layers
+    for field in ("fwd", "bwd_input", "bwd_weight", "opt"):
+        assert getattr(heavy, field) > 3 * getattr(light, field), field
+
+
+def test_threads_are_set_while_timing_and_restored():
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return super().forward(x)
+
+    saved = torch.get_num_threads()
+    profile_layers(nn.Sequential(Probe(4, 4)), (4,), threads=1, **FAST)
+    assert set(seen) == {1} and torch.get_num_threads() == saved
+
+
+@pytest.mark.parametrize("kwargs, shown", [
+    (dict(repeats=0), "repeats=0"), (dict(warmup=-1), "warmup=-1"), (dict(device="tpu:0"), "'tpu:0'"),
+    (dict(threads=0), "threads=0"), (dict(dtype="float16"), "float16"),
+])
+def test_bad_settings_name_the_value(kwargs, shown):
+    with pytest.raises(ConfigError, match=shown):
+        profile_layers(build_torch_model("mlp"), (32,), **kwargs)
+
+
+def test_wrong_input_shape_names_the_layer():
+    with pytest.raises(ConfigError, match="'fc0'.*shape \\(7,\\)"):
+        profile_layers(build_torch_model("mlp"), (7,), **FAST)
+
+
+# ---- links -----------------------------------------------------------------------------------
+
+def test_fit_recovers_latency_and_bandwidth_exactly():
+    sizes = 4.0 * 4.0 ** np.arange(12)
+    link = fit_link(sizes, 57e-6 + sizes / 4.1e9)
+    assert link.latency_s == pytest.approx(57e-6, rel=1e-9)
+    assert link.bandwidth_Bps == pytest.approx(4.1e9, rel=1e-9)
+    through_origin = fit_link(sizes, sizes / 2e9)  # no fixed cost
+    assert through_origin.latency_s == pytest.approx(0, abs=1e-15) and through_origin.bandwidth_Bps == pytest.approx(2e9)
+    flat = fit_link(sizes, np.full(sizes.shape, 3e-5))  # size does not matter: bandwidth inf
+    assert flat.latency_s == pytest.approx(3e-5) and flat.bandwidth_Bps == math.inf
+
+
+def test_fit_keeps_both_figures_non_negative():
+    sizes = np.array([1e3, 1e6, 1e7])
+    link = fit_link(sizes, 1e-9 * sizes - 1e-7 * np.array([0, 1, 0]) + 1e-6)  # noisy: tends to a negative slope
+    assert link.latency_s >= 0 and link.bandwidth_Bps > 0
+    falling = fit_link([1.0, 1e6], [2e-3, 1e-3])  # larger is faster: only a constant fits with bandwidth >= 0
+    assert falling.bandwidth_Bps == math.inf and falling.latency_s > 0
+    with pytest.raises(ConfigError, match="times > 0"):
+        fit_link([1, 2], [0.0, 1.0])
+
+
+def test_gloo_link_between_two_processes():
+    links = profile_links(["cpu"], "distributed", sizes=[4, 4096, 65536], warmup=1, repeats=3)
+    assert links.link.latency_s > 0 and 0 < links.link.bandwidth_Bps
+    assert links.host_link == Link() and links.barrier_s > 0
+    assert [p[0] for p in links.points["cpu->cpu"]] == [4.0, 4096.0, 65536.0]
+
+
+def test_local_link_is_a_handoff_without_copy():
+    links = profile_links("cpu,cpu", "local", warmup=1, repeats=5)
+    assert links.link.latency_s > 0 and links.link.bandwidth_Bps == math.inf and links.barrier_s > 0
+    with pytest.raises(ConfigError, match="'pigeon'"):
+        profile_links(["cpu"], "pigeon")
+
+
+# ---- the profile file and the simulator ------------------------------------------------------
+
+def _profile() -> Profile:
+    """A profile with measured layers and a known link (no processes spawned)."""
+    net = profile_layers(build_torch_model("mlp"), (32,), name="mlp[cpu]", **FAST)
+    devices = tuple(Device(f"cpu:{i}", "cpu") for i in range(2))
+    return Profile(net, Cluster("profiled", devices, link=Link(6e-5, 4e9), barrier_s=2e-4), {"repeats": 3})
+
+
+def test_profile_file_round_trips_and_the_simulator_loads_it(tmp_path):
+    prof = _profile()
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert json.loads(path.read_text())["kind"] == "partime-sim-profile"
+    assert load_profile(path) == prof
+    assert get_network(str(path)) == prof.network
+    assert load_cluster(str(path), 2) == prof.cluster
+    four = load_cluster(str(path), 4)
+    assert [d.kind for d in four.devices] == ["cpu"] * 4 and {d.speed for d in four.devices} == {1.0}
+    assert four.link == prof.cluster.link and four.barrier_s == pytest.approx(2 * 2e-4)  # 2 dissemination rounds
+    assert load_cluster(str(path), 1).num_devices == 1
+    sched = generate("partime", 4, 20, "train")
+    result = simulate(sched, get_network(str(path)), four, even_partition(8, 4))
+    trace = result.trace
+    fwd = trace[(trace["kind"] == "F") & (trace["stage"] == 0)]
+    measured = sum(row[0] for row in prof.network.class_costs["cpu"][:2])  # even split: 2 layers per stage
+    assert (fwd["end"] - fwd["start"]).to_numpy() == pytest.approx(measured, rel=1e-9)
+    assert result.makespan > 0
+
+
+def test_not_a_profile_is_a_clear_error(tmp_path):
+    plain = tmp_path / "net.json"
+    get_network("mlp").save(plain)
+    with pytest.raises(ConfigError, match="not a partime-sim profile"):
+        load_profile(plain)
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps({"kind": "partime-sim-profile", "network": _profile().network.to_dict()}))
+    with pytest.raises(ConfigError, match="no 'cluster' section"):
+        load_cluster(str(half), 2)
+
+
+def test_profile_end_to_end_with_catalogue_flops():
+    prof = profile("lenet", ["cpu"], transport="local", **FAST)
+    catalogue = get_network("lenet")
+    assert [lay.name for lay in prof.network.layers] == [lay.name for lay in catalogue.layers]
+    assert [lay.flops for lay in prof.network.layers] == [lay.flops for lay in catalogue.layers]
+    assert [lay.act_bytes for lay in prof.network.layers] == [lay.act_bytes for lay in catalogue.layers]
+    assert list(prof.network.class_costs) == ["cpu"]
+    assert [d.kind for d in prof.cluster.devices] == ["cpu", "cpu"]  # a pipeline needs two workers
+    assert {"date", "machine", "torch", "threads", "repeats"} <= prof.meta.keys() and prof.meta["threads"] == 1
+
+
+def test_profile_a_factory_module(tmp_path):
+    module = tmp_path / "mine.py"
+    module.write_text("from torch import nn\n\ndef build():\n"
+                      "    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))\n")
+    prof = profile(f"{module}:build", "cpu", transport="local", input_shape=(8,), **FAST)
+    assert [lay.act_bytes for lay in prof.network.layers] == [64, 64, 8]
+    assert prof.network.layers[1].bwd_weight == 0 and prof.network.layers[1].bwd_input > 0
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
+    path = tmp_path / "mlp.json"
+    assert main(["profile", "--network", "mlp", "--device", "cpu", "--repeats", "3", "--warmup", "1",
+                 "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fc7" in out and "latency" in out and f"--network {path} --cluster {path}" in out
+    link = load_profile(path).cluster.link
+    assert link.latency_s > 0 and 0 < link.bandwidth_Bps < math.inf  # gloo between two processes
+    assert main(["simulate", "--network", str(path), "--cluster", str(path), "--schedule", "partime",
+                 "--devices", "2", "--samples", "50", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["devices"] == 2 and row["makespan_s"] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--device", "tpu:0"], "'tpu:0'"),
+    (["--device", "cpu", "--repeats", "0"], "0 must be >= 1"),
+    (["--device", "cpu", "--input-shape", "3xx2"], "'3xx2'"),
+    (["--device", "cpu", "--out", "p.txt"], "p.txt"),
+])
+def test_cli_bad_input_is_one_line(capsys, argv, needle):
+    try:
+        code = main(["profile", "--network", "mlp", *argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
