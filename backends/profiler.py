@@ -211,6 +211,66 @@ def profile_layers(
                    class_costs={device_class(dev): tuple(rows)})
 
 
+def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int], device: str = "cpu",
+              dtype: Any = "float32", mode: str = "train", *, samples: int = 40,
+              threads: int | None = None) -> tuple[Network, tuple[float, float, float]]:
+    """Layer costs and per-task overheads as the backend itself spends them.
+
+    A layer timed alone (``profile_layers``) misses what the backend adds per task: Python,
+    autograd bookkeeping, the weight snapshot a forward takes, the gradient accumulator, the
+    loss. Two real runs of the ``sequential`` schedule on ``device`` measure it: one with every
+    layer its own stage (L tasks of each kind per sample), one with the whole model as one stage
+    (1 task). Per kind (forward, backward, optimizer step) the per-task overhead is the excess of
+    the first over the second, divided by L - 1; a layer's cost is its own median task time less
+    that overhead. BI and BW keep the ratio the direct timing gave them. Medians skip the first
+    quarter of each run (warm-up). Returns the network with these costs (``class_costs`` too)
+    and the (forward, backward, step) overhead for ``Device.task_overhead_s``."""
+    from partime_sim.backends.pipeline import run_pipeline
+    from partime_sim.generators import generate
+    from partime_sim.models import check_stage_shapes
+    from partime_sim.schedule import B, F, OPT
+
+    L = network.num_layers
+    out_shape = check_stage_shapes([copy.deepcopy(model).float()], input_shape)[-1]
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((samples, *input_shape)).astype(np.float32)
+    y = np.zeros((samples, int(np.prod(out_shape))), dtype=np.float32)  # mse to zero: any output shape works
+    kinds = (F,) if mode == "infer" else (F, B, OPT)
+
+    def task_medians(num_stages: int) -> np.ndarray:  # (stages, 3): median seconds of F, B, OPT tasks
+        children = list(model.children())
+        bounds = np.linspace(0, L, num_stages + 1).round().astype(int)
+        stages = [nn.Sequential(*children[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        with _Threads(threads if threads is not None else 1):
+            result = run_pipeline(generate("sequential", num_stages, samples, mode), stages, x, y,
+                                  devices=[device], dtype=dtype)
+        tr = result.trace
+        tr = tr[tr["start"] >= tr["end"].max() / 4]
+        med = np.zeros((num_stages, 3))
+        for col, kind in enumerate((F, B, OPT)):
+            if kind in kinds:
+                rows = tr[tr["kind"].cat.codes == kind]
+                dur = (rows["end"] - rows["start"]).groupby(rows["stage"]).median()
+                med[:, col] = dur.reindex(range(num_stages)).fillna(0.0).to_numpy()
+        return med
+
+    per_layer = task_medians(L)
+    whole = task_medians(1)[0]
+    overhead = np.maximum((per_layer.sum(axis=0) - whole) / (L - 1), 0.0) if L > 1 else np.zeros(3)
+    cost = np.maximum(per_layer - overhead, 0.0)
+    layers, rows = [], []
+    for k, layer in enumerate(network.layers):
+        split = layer.bwd_input / (layer.bwd_input + layer.bwd_weight) if layer.bwd_input + layer.bwd_weight else 1.0
+        bi, bw = cost[k, 1] * split, cost[k, 1] * (1 - split)
+        fwd = cost[k, 0]
+        layers.append(dataclasses.replace(layer, fwd=fwd, bwd_input=bi, bwd_weight=bw,
+                                          opt=cost[k, 2] if mode == "train" else layer.opt))
+        rows.append((fwd, bi, bw))
+    cls = next(iter(network.class_costs), "cpu")
+    calibrated = Network(network.name, tuple(layers), network.input_bytes, {cls: tuple(rows)})
+    return calibrated, (float(overhead[0]), float(overhead[1]), float(overhead[2]))
+
+
 # ---- links -----------------------------------------------------------------------------------
 
 def fit_link(nbytes: Sequence[float], seconds: Sequence[float]) -> Link:
@@ -495,11 +555,15 @@ def profile(
     repeats: int = 10,
     threads: int | None = None,
     link_sizes: Sequence[int] = LINK_SIZES,
+    mode: str = "train",
+    calibrated: bool = True,
 ) -> Profile:
     """Profile the model ``spec`` (a catalogue name or ``path/to/module.py:factory``) on ``devices``.
 
     Layers are measured once per distinct device class (the first device of the class); links as
-    ``profile_links`` says. The cluster has one device per given device, and at least two (a
+    ``profile_links`` says. With ``calibrated`` (default) the layer costs and the per-task
+    overheads are then taken from real backend runs in ``mode`` (``calibrate``); the direct
+    timings stay in ``meta["direct"]``. The cluster has one device per given device, and at least two (a
     pipeline needs two processes or threads, so ``cpu`` alone measures two CPU processes), each of
     its class with speed 1.0, so the simulator takes the measured costs.
     """
@@ -511,12 +575,21 @@ def profile(
     devs = parse_devices(devices)
     resolved = resolve_model(spec, seed=seed, dtype=dtype, input_shape=None if input_shape is None
                              else tuple(input_shape))
+    if mode not in ("train", "infer"):
+        raise ConfigError(f"mode={mode!r} is unknown; use 'train' or 'infer'")
     per_class: dict[str, Network] = {}
+    overheads: dict[str, tuple[float, float, float]] = {}
+    direct: dict[str, Any] = {}
     for dev in devs:
         cls = device_class(dev)
         if cls not in per_class:
             per_class[cls] = profile_layers(resolved.model, resolved.input_shape, str(dev), dtype, warmup=warmup,
                                             repeats=repeats, threads=threads, seed=seed)
+            overheads[cls] = (0.0, 0.0, 0.0)
+            if calibrated:
+                direct[cls] = [list(r) for r in per_class[cls].class_costs[cls]]
+                per_class[cls], overheads[cls] = calibrate(per_class[cls], resolved.model, resolved.input_shape,
+                                                           str(dev), dtype, mode, threads=threads)
     first = next(iter(per_class.values()))
     analytic = resolved.network if resolved.network.num_layers == first.num_layers else None
     layers = tuple(lay if analytic is None else dataclasses.replace(lay, flops=analytic.layers[i].flops)
@@ -530,7 +603,8 @@ def profile(
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
     cluster = Cluster(
         f"profiled:{'+'.join(per_class)}:{transport}",
-        tuple(Device(f"{cls}:{i}", cls, 1.0, mem) for i, (cls, mem) in enumerate(zip(classes, memory))),
+        tuple(Device(f"{cls}:{i}", cls, 1.0, mem, task_overhead_s=overheads[cls])
+              for i, (cls, mem) in enumerate(zip(classes, memory))),
         link=links.link, links={k: v for k, v in links.pairs.items() if max(k) < count},
         host_link=links.host_link, barrier_s=links.barrier_s * barrier_rounds(count),
     )
@@ -542,5 +616,6 @@ def profile(
         "threads": threads if threads is not None else (1 if devs[0].type == "cpu" else torch.get_num_threads()),
         "link_points": links.points,
         "barrier_per_round_s": links.barrier_s,
+        "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
     }
     return Profile(network, cluster, meta)

@@ -26,8 +26,15 @@ class Device:
     speed: float = 1.0  # relative to the reference device the network costs are given for
     memory_bytes: float = math.inf
     copy_engines: int = 1
+    # seconds every (forward, backward, optimizer-step) task costs on top of its layers' costs:
+    # the runtime's per-task work (Python, autograd, launch), measured by the profiler
+    task_overhead_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task_overhead_s", tuple(float(v) for v in self.task_overhead_s))
+        if len(self.task_overhead_s) != 3 or not all(v >= 0 for v in self.task_overhead_s):
+            raise ConfigError(f"device {self.name!r}: task_overhead_s={self.task_overhead_s!r} must be three "
+                              "seconds >= 0 (forward, backward, optimizer step)")
         if not self.speed > 0:
             raise ConfigError(f"device {self.name!r}: speed={self.speed!r} must be > 0")
         if not self.memory_bytes > 0:

@@ -123,18 +123,18 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
     """Gather each task's seconds from a (device type, stage, kind) table."""
     S, K = partition.num_stages, len(KINDS)
     starts = np.asarray(partition.bounds[:-1])
-    types: dict[tuple[str, float], int] = {}
+    types: dict[tuple[str, float, tuple[float, float, float]], int] = {}
     device_type = np.zeros(cluster.num_devices + 1, dtype=np.int64)  # index -1 (global tasks): any type
     for d, dev in enumerate(cluster.devices):
-        device_type[d] = types.setdefault((dev.kind, dev.speed), len(types))
+        device_type[d] = types.setdefault((dev.kind, dev.speed, dev.task_overhead_s), len(types))
     table = np.zeros((len(types), S + 1, K))  # stage row S: tasks without a stage (BARRIER)
-    for (kind, speed), t in types.items():
+    for (kind, speed, (ov_f, ov_b, ov_opt)), t in types.items():
         per_layer = np.add.reduceat(network.costs(kind, speed), starts, axis=0)  # (S, 3) fwd, BI, BW
-        table[t, :S, F] = per_layer[:, 0] * mb
-        table[t, :S, BI] = per_layer[:, 1] * mb
-        table[t, :S, BW] = per_layer[:, 2] * mb
-        table[t, :S, B] = table[t, :S, BI] + table[t, :S, BW]
-        table[t, :S, OPT] = np.add.reduceat(network.opt_costs(speed), starts)  # per update, not per sample
+        table[t, :S, F] = per_layer[:, 0] * mb + ov_f
+        table[t, :S, BI] = per_layer[:, 1] * mb + ov_b
+        table[t, :S, BW] = per_layer[:, 2] * mb + ov_b
+        table[t, :S, B] = (per_layer[:, 1] + per_layer[:, 2]) * mb + ov_b
+        table[t, :S, OPT] = np.add.reduceat(network.opt_costs(speed), starts) + ov_opt  # per update, not per sample
     table[:, :, BARRIER] = cluster.barrier_s
     flat = schedule.stage.astype(np.int64)  # flat index ((type * (S + 1)) + stage) * K + kind, in place
     flat[flat < 0] = S

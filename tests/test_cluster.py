@@ -115,3 +115,24 @@ def test_heterogeneous_devices_scale_or_override_network_costs():
     cpu = cluster.devices[2]
     assert np.array_equal(profiled.costs(cpu.kind, cpu.speed), np.array(measured))
     assert math.isinf(cluster.devices[2].memory_bytes)
+
+
+def test_task_overhead_adds_to_every_compute_task_exactly() -> None:
+    from dataclasses import replace
+
+    from partime_sim.catalogue import get_network
+    from partime_sim.generators import generate
+    from partime_sim.partition import Partition, even_partition
+    from partime_sim.simulate import simulate
+
+    net, S, N = get_network("uniform:4"), 4, 10
+    sched = generate("sequential", S, N, "train")
+    base = ideal_cluster(1)
+    slow = replace(base, devices=(replace(base.devices[0], task_overhead_s=(1e-3, 2e-3, 4e-3)),))
+    part = Partition(even_partition(4, S).bounds, (0,) * S)  # every stage on the one device
+    t0 = simulate(sched, net, base, part).makespan
+    t1 = simulate(sched, net, slow, part).makespan
+    assert t1 - t0 == pytest.approx(N * S * (1e-3 + 2e-3 + 4e-3), rel=1e-12)
+    assert Cluster.from_dict(slow.to_dict()) == slow  # survives JSON
+    with pytest.raises(ConfigError, match="task_overhead_s"):
+        Device("d", task_overhead_s=(1.0, -1.0, 0.0))

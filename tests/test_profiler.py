@@ -222,3 +222,17 @@ def test_cli_bad_input_is_one_line(capsys, argv, needle):
     err = capsys.readouterr().err
     assert code == 2 and needle in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_calibration_from_backend_runs_gives_nonnegative_costs_and_overheads() -> None:
+    from partime_sim.backends.profiler import calibrate, profile_layers
+    from partime_sim.models import build_torch_model
+
+    model = build_torch_model("mlp", 0)
+    direct = profile_layers(model, (32,), "cpu", warmup=1, repeats=3)
+    net, overhead = calibrate(direct, model, (32,), samples=16)
+    assert [l.name for l in net.layers] == [l.name for l in direct.layers]
+    assert len(overhead) == 3 and min(overhead) >= 0
+    assert all(l.fwd >= 0 and l.bwd_input >= 0 and l.bwd_weight >= 0 for l in net.layers)
+    assert sum(l.fwd + l.bwd_input + l.bwd_weight for l in net.layers) > 0
+    assert net.class_costs["cpu"][0] == (net.layers[0].fwd, net.layers[0].bwd_input, net.layers[0].bwd_weight)
