@@ -202,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=_trace_path, default=None, help="write the measured trace (.json Perfetto, .csv)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
+    p = sub.add_parser("compare", help="predicted vs measured on this machine: profile, simulate, run, side by side")
+    p.add_argument("--network", required=True, help="catalogue name or path/to/module.py:factory")
+    p.add_argument("--schedule", required=True, help="sequential, partime, partime-async, gpipe, 1f1b, ...")
+    p.add_argument("--devices", default="cpu,cpu", help="one torch device per pipeline device [cpu,cpu]")
+    p.add_argument("--transport", choices=("local", "distributed"), default="distributed")
+    p.add_argument("--samples", type=_positive_int, default=256, help="samples of the stream [256]")
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    p.add_argument("--microbatches", type=_positive_int, default=None, help="microbatches per minibatch (gpipe)")
+    p.add_argument("--profile", default=None, help="a saved profile (partime-sim profile --out); default: profile now")
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--lr", type=_positive_float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partition", default="minmax", help="minmax (on the profile), block, even or sizes")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker [1]")
+    p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("networks", help="list the built-in networks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("schedules", help="list the schedule generators")
@@ -361,6 +378,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from partime_sim.analysis.compare import COMPARED, CompareConfig, compare, write_report
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.01)
+    cfg = CompareConfig(args.network, args.schedule, args.devices, samples=args.samples, mode=args.mode,
+                        transport=args.transport, profile=args.profile, optimizer=args.optimizer, lr=lr,
+                        seed=args.seed, microbatches=args.microbatches, partition=args.partition,
+                        threads=args.threads)
+    result = compare(cfg)
+    if args.out is not None:
+        write_report(result, args.out)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print_table([{"metric": k, "predicted": result.predicted.get(k), "measured": result.measured.get(k),
+                       "error": result.error.get(k)} for k in COMPARED])
+        if result.learning is not None:
+            print(f"learning: max |emulated - measured| per-sample loss {result.learning['max_abs_loss_diff']:.3g}")
+        if args.out is not None:
+            print(f"report: {args.out}")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from partime_sim.backends.profiler import profile
 
@@ -433,6 +473,7 @@ COMMANDS = {
     "emulate": _emulate,
     "profile": _profile,
     "run": _run,
+    "compare": _compare,
     "networks": _networks,
     "schedules": _schedules,
     "clusters": _clusters,

@@ -1,0 +1,164 @@
+"""Predicted vs measured, side by side: profile this machine (or load a profile), simulate the
+configuration on it, run it for real with the same partition, and report both with their
+relative errors; for training, the emulated and measured learning curves too.
+
+The prediction only sees the profile (measured layer costs, links, barrier, per-task
+overheads); nothing is tuned to the run it is compared with. The real run and the prediction
+use the same schedule and the same stage boundaries, and both traces go through the same
+``metrics.summarize``, so an error is the model's, not the bookkeeping's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COMPARED = ("throughput_sps", "speedup", "makespan_s", "bubble_fraction", "latency_p50_s", "latency_p99_s")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    network: str
+    schedule: str
+    devices: str = "cpu,cpu"
+    samples: int = 256
+    mode: str = "train"
+    transport: str = "distributed"
+    profile: str | None = None  # a saved profile (partime-sim profile --out); default: profile now
+    optimizer: str = "sgd"
+    lr: float = 0.03
+    seed: int = 0
+    dtype: str = "float32"
+    microbatches: int | None = None
+    partition: str = "minmax"
+    stream: str | None = None
+    threads: int | None = 1
+    baseline: bool = True  # also run (and predict) the sequential baseline, for speed-up
+
+
+@dataclass
+class Comparison:
+    config: CompareConfig
+    predicted: dict[str, Any]
+    measured: dict[str, Any]
+    error: dict[str, Any]
+    predicted_trace: Any
+    measured_trace: Any
+    learning: dict[str, Any] | None
+    emulated_loss: np.ndarray | None
+    measured_loss: np.ndarray | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "predicted": self.predicted, "measured": self.measured,
+                "error": self.error, "learning": self.learning}
+
+
+def relative_errors(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """(predicted - measured) / measured per metric (per device for utilisation); None where
+    either side is missing or the measurement is 0."""
+    def rel(p: Any, m: Any) -> float | None:
+        return None if p is None or m is None or m == 0 else (float(p) - float(m)) / abs(float(m))
+
+    err = {k: rel(predicted.get(k), measured.get(k)) for k in COMPARED}
+    err["utilization"] = [rel(p, m) for p, m in zip(predicted["utilization"], measured["utilization"])]
+    return err
+
+
+def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
+    """Profile (or load), simulate, run, and put the two side by side."""
+    from dataclasses import replace
+
+    from partime_sim.backends.pipeline import parse_devices
+    from partime_sim.backends.profiler import load_profile, profile
+    from partime_sim.backends.run import RunConfig, run_config
+    from partime_sim.cluster import resize_profiled
+    from partime_sim.metrics import summarize
+    from partime_sim.partition import Partition
+    from partime_sim.simulate import simulate
+    from partime_sim.study import resolve_partition, resolve_schedule
+
+    devices = parse_devices(cfg.devices)
+    prof = load_profile(cfg.profile) if cfg.profile else profile(
+        cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
+    S = len(devices) if cfg.schedule != "sequential" else 1
+    schedule = resolve_schedule(cfg.schedule, S, cfg.samples, cfg.mode, cfg.microbatches)
+    cluster = resize_profiled(prof.cluster, max(schedule.num_devices, 2))
+    partition = resolve_partition(cfg.partition, prof.network, cluster, schedule.num_stages, cfg.mode)
+    if schedule.num_devices == 1:
+        partition = Partition(partition.bounds, (0,) * partition.num_stages)
+    sim = simulate(schedule, prof.network, cluster, partition, engine="fast")
+    # the backend reads a sample when stage 0 is free (no arrival queue, no copies on CPU): latency
+    # is first forward start -> last forward end on both sides
+    pred_trace = sim.trace[~sim.trace["kind"].isin(["H2D", "D2H"])]
+    predicted = summarize(pred_trace, baseline_makespan=sim.baseline_makespan, num_devices=schedule.num_devices)
+
+    run_cfg = RunConfig(cfg.network, cfg.schedule, cfg.devices, transport=cfg.transport, samples=cfg.samples,
+                        mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
+                        dtype=cfg.dtype, partition=",".join(map(str, partition.sizes)),
+                        microbatches=cfg.microbatches, threads=cfg.threads)
+    row, result = run_config(run_cfg)
+    measured = summarize(result.trace, num_devices=schedule.num_devices)
+    if cfg.baseline and schedule.num_devices > 1:  # the measured sequential baseline, one device
+        base_row, _ = run_config(replace(run_cfg, schedule="sequential", devices=str(devices[0]),
+                                         partition="minmax", microbatches=None))
+        measured = summarize(result.trace, num_devices=schedule.num_devices,
+                             baseline_makespan=base_row["makespan_s"])
+    learning, emulated = None, None
+    if cfg.mode == "train":
+        emulated = _emulated_loss(cfg, run_cfg)
+        learning = {"max_abs_loss_diff": float(np.max(np.abs(emulated - result.loss))),
+                    "final_loss": {"emulated": float(emulated[-1]), "measured": float(result.loss[-1])},
+                    "mean_loss_last_10pct": {"emulated": float(_tail(emulated)), "measured": float(_tail(result.loss))}}
+    head = {"network": row["network"], "schedule": cfg.schedule, "mode": cfg.mode, "devices": schedule.num_devices,
+            "partition": list(partition.sizes), "profile": prof.meta.get("spec", cfg.network)}
+    return Comparison(cfg, {**head, **predicted}, {**head, **measured}, relative_errors(predicted, measured),
+                      pred_trace, result.trace, learning, emulated, result.loss if cfg.mode == "train" else None)
+
+
+def _tail(loss: np.ndarray) -> float:
+    return float(np.mean(loss[-max(1, loss.size // 10):]))
+
+
+def _emulated_loss(cfg: CompareConfig, run_cfg: Any) -> np.ndarray:
+    """The torch reference emulator on the very job the run executed (same weights, stream,
+    schedule and partition): the predicted learning curve."""
+    from partime_sim.backends.run import prepare
+    from partime_sim.emulator_torch import emulate_torch
+
+    job, _ = prepare(run_cfg)
+    return emulate_torch(job.schedule, job.stages, job.x, job.y, loss=job.loss, optimizer=job.spec,
+                         dtype=job.dtype, compensation=job.plan.name).loss
+
+
+def write_report(cmp: Comparison, out: str | Path) -> Path:
+    """comparison.json, a Markdown table and the figures (timelines, utilisation, learning)."""
+    from partime_sim.analysis.plots import plot_gantt, plot_learning, plot_utilization
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(cmp.to_json(), indent=1))
+    horizon = float(min(cmp.predicted_trace["end"].max(), cmp.measured_trace["end"].max())) / 4
+    plot_gantt({"predicted": cmp.predicted_trace, "measured": cmp.measured_trace}, out / "timeline.png",
+               max_seconds=horizon, title=f"{cmp.predicted['network']} {cmp.config.schedule}: first quarter")
+    plot_utilization({"predicted": cmp.predicted, "measured": cmp.measured}, out / "utilization.png")
+    lines = ["| metric | predicted | measured | error |", "|---|---|---|---|"]
+    for k in COMPARED:
+        lines.append(f"| {k} | {_fmt(cmp.predicted.get(k))} | {_fmt(cmp.measured.get(k))} | {_pct(cmp.error.get(k))} |")
+    if cmp.learning is not None:
+        plot_learning({"emulated": cmp.emulated_loss, "measured": cmp.measured_loss}, out / "learning.png")
+        lines.append(f"\nLearning: max |emulated - measured| per-sample loss = {cmp.learning['max_abs_loss_diff']:.3g}")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
+

@@ -1,0 +1,45 @@
+"""predicted vs measured on this machine: the compare loop and its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from partime_sim.analysis.compare import COMPARED, CompareConfig, compare, relative_errors, write_report
+from partime_sim.cli import main
+
+
+def test_relative_errors_are_signed_and_skip_missing() -> None:
+    p = {"throughput_sps": 110.0, "speedup": None, "utilization": [0.5, 0.9]}
+    m = {"throughput_sps": 100.0, "speedup": 1.5, "utilization": [0.4, 0.0]}
+    err = relative_errors(p, m)
+    assert err["throughput_sps"] == pytest.approx(0.1) and err["speedup"] is None
+    assert err["utilization"] == [pytest.approx(0.25), None]
+
+
+def test_compare_profiles_simulates_runs_and_reports(tmp_path) -> None:
+    cmp = compare(CompareConfig("mlp", "1f1b", "cpu,cpu", samples=60, transport="local"))
+    for k in COMPARED:
+        if cmp.predicted[k] is not None and cmp.measured[k]:
+            assert cmp.error[k] == pytest.approx((cmp.predicted[k] - cmp.measured[k]) / cmp.measured[k])
+    assert cmp.predicted["partition"] == cmp.measured["partition"] and sum(cmp.measured["partition"]) == 8
+    assert cmp.measured["samples"] == cmp.predicted["samples"] == 60
+    assert cmp.measured["speedup"] is not None  # a measured sequential baseline ran too
+    assert cmp.learning["max_abs_loss_diff"] < 1e-4  # the emulator predicts the run's learning
+    out = write_report(cmp, tmp_path / "report")
+    assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.md", "timeline.png",
+                                               "utilization.png", "learning.png"}
+    data = json.loads((out / "comparison.json").read_text())
+    assert set(data) >= {"predicted", "measured", "error", "learning"}
+
+
+def test_compare_cli_json(capsys, tmp_path) -> None:
+    assert main(["profile", "--network", "mlp", "--device", "cpu", "--transport", "local", "--repeats", "3",
+                 "--out", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--network", "mlp", "--schedule", "partime", "--mode", "infer", "--samples", "40",
+                 "--transport", "local", "--profile", str(tmp_path / "p.json"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["learning"] is None and data["measured"]["samples"] == 40
+    assert set(data["error"]) >= set(COMPARED) | {"utilization"}
