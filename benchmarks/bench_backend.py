@@ -1,0 +1,357 @@
+"""Benchmark: the torch backend on CPU against the sequential baseline and torch.distributed.
+
+Distributed transport, gloo, one process and one core per stage.
+(a) 2 pipeline stages vs the sequential baseline on a balanced conv net (goal >= 1.8x);
+(b) one hop of the backend's ``DistributedTransport`` vs a raw ``torch.distributed`` send/recv
+of the same tensor (goal <= 1.5x); (c) this backend vs ``torch.distributed.pipelining`` on the
+same stages (gpipe and 1f1b with microbatches; a stream of single samples).
+
+Run: python benchmarks/bench_backend.py [--quick]   (prints Markdown for BENCHMARKS.md)
+     [--parts abc] (a subset of the three parts) [--malloc-diagnostic] (every worker process runs
+     with glibc told to keep freed memory instead of returning it to the OS: shows what the fresh
+     page faults of newly allocated receive buffers cost; not how the backend runs by default)
+
+Throughputs of this backend come from the measured trace (``metrics.summarize``: samples /
+makespan, process start-up excluded). Timings are noisy on a shared 2-core VM, so every
+configuration is repeated and the tables give medians; ratios are formed within a repeat
+(runs next to each other in time) and their median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from partime_sim.backends.launch import free_port
+
+CHANNELS = 32
+CLASSES = 10
+LR, MOMENTUM = 0.01, 0.9  # OptimizerSpec() defaults: plain SGD with momentum, the same on both sides
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 28), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+# ---- the network and the stream ------------------------------------------------------------------
+def conv_stages(blocks_per_stage: int = 4, seed: int = 0) -> list[nn.Module]:
+    """2 stages of ``blocks_per_stage`` identical Conv2d(32, 32, 3, padding=1) + ReLU blocks; the
+    last stage ends with a tiny classifier head (global average pool + Linear(32, 10))."""
+    torch.manual_seed(seed)
+
+    def blocks() -> list[nn.Module]:
+        return [layer for _ in range(blocks_per_stage)
+                for layer in (nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), nn.ReLU())]
+
+    return [nn.Sequential(*blocks()),
+            nn.Sequential(*blocks(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, CLASSES))]
+
+
+def stream(num_samples: int, size: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Random frames (N, 32, size, size) float32 and integer labels. A tensor (not numpy), so the
+    jobs that share one start-up share its storage in the job file."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((num_samples, CHANNELS, size, size)).astype(np.float32))
+    return x, rng.integers(0, CLASSES, num_samples)
+
+
+def _median(values) -> float:
+    return float(statistics.median(values))
+
+
+# ---- running schedules through the backend --------------------------------------------------------
+def backend_runs(configs: list[tuple[str, str, int, int | None]], stages: list[nn.Module], x, y) -> list[dict]:
+    """Run ``(schedule, mode, stages, microbatches)`` configurations through the distributed
+    backend (threads=1 per process), all in one process start-up; each one's ``summarize`` plus
+    ``barrier_ms``, the median duration of the run's global barriers (partime's ticks)."""
+    from partime_sim.backends.launch import run_spawned
+    from partime_sim.backends.pipeline import assemble, make_job
+    from partime_sim.generators import generate
+    from partime_sim.metrics import summarize
+    from partime_sim.optimizers import OptimizerSpec
+
+    N = len(y)
+    jobs = []
+    for name, mode, S, M in configs:
+        sched = generate(name, S, N, mode, microbatches=M)
+        mods = [nn.Sequential(*stages)] if S == 1 else stages
+        jobs.append(make_job(sched, mods, x, y, devices=["cpu"] * S, optimizer=OptimizerSpec("sgd", lr=LR,
+                             momentum=MOMENTUM), dtype="float32", threads=1))
+    out = []
+    for job, p in zip(jobs, run_spawned(jobs)):
+        trace = assemble(job, p, 0.0, "distributed").trace
+        m = summarize(trace)
+        barrier = trace[trace["kind"].astype(str) == "BARRIER"]
+        m["barrier_ms"] = float(((barrier["end"] - barrier["start"]) * 1e3).median()) if len(barrier) else None
+        out.append(m)
+    return out
+
+
+# ---- (a) pipeline speed-up ---------------------------------------------------------------------------
+PIPELINES = [("partime", "infer"), ("partime-async", "infer"), ("partime", "train"), ("partime-async", "train")]
+
+
+def speedup(quick: bool) -> list[str]:
+    """Per repeat: one start-up runs the sequential baseline (1 process), one runs the 2-stage
+    pipelines (2 processes); ratio = pipeline samples/s / sequential samples/s of that repeat.
+    32x32 frames is the main case (a stage's forward ~1.1 ms, forward+backward ~3.5 ms); 64x64
+    (4x the compute per task) shows how the ratio depends on the size of a task."""
+    sizes = [(32, 120, 1)] if quick else [(32, 400, 3), (64, 160, 3)]
+    lines = ["| frames | schedule | mode | samples | sequential samples/s | pipeline samples/s | "
+             "**pipeline / sequential** (min-max) | sequential ms/sample | stage busy ms/sample (0, 1) | "
+             "bound from busy time | barrier ms/tick |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, N, repeats in sizes:
+        stages = conv_stages()
+        x, y = stream(N, size)
+        seq: dict[str, list[dict]] = {"infer": [], "train": []}
+        pipe: dict[tuple[str, str], list[dict]] = {c: [] for c in PIPELINES}
+        for _ in range(repeats):
+            for mode, m in zip(("infer", "train"), backend_runs([("sequential", "infer", 1, None),
+                                                                  ("sequential", "train", 1, None)], stages, x, y)):
+                seq[mode].append(m)
+            for c, m in zip(PIPELINES, backend_runs([(n, md, 2, None) for n, md in PIPELINES], stages, x, y)):
+                pipe[c].append(m)
+        for (name, mode), runs in pipe.items():
+            base = seq[mode]
+            ratios = [p["throughput_sps"] / b["throughput_sps"] for p, b in zip(runs, base)]
+            busy = [_median(p["utilization"][d] * p["makespan_s"] / p["samples"] * 1e3 for p in runs) for d in (0, 1)]
+            seq_ms = _median(b["makespan_s"] / b["samples"] * 1e3 for b in base)
+            barrier = "-" if runs[0]["barrier_ms"] is None else f"{_median(p['barrier_ms'] for p in runs):.2f}"
+            seq_sps, pipe_sps = _median(b["throughput_sps"] for b in base), _median(p["throughput_sps"] for p in runs)
+            lines.append(f"| {size}x{size} | {name} | {mode} | {N} | {seq_sps:.0f} | {pipe_sps:.0f} | "
+                         f"**{_median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | {seq_ms:.2f} | "
+                         f"{busy[0]:.2f}, {busy[1]:.2f} | {seq_ms / max(busy):.2f}x | {barrier} |")
+    lines.append("\n(bound from busy time = sequential ms/sample / the busier stage's busy ms/sample: the ratio "
+                 "the pipeline would reach if no stage ever waited; busy = time inside its F/B/OPT tasks, "
+                 "which includes sending. barrier = median of partime's per-tick global barrier)")
+    return lines
+
+
+# ---- (b) one hop: DistributedTransport vs raw send/recv -----------------------------------------------
+HOP_SIZES = [4096, 131072, 1 << 20]
+
+
+def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
+    """Ping-pong between ranks 0 and 1; rank 0 times every round trip (one hop = half of it).
+    Blocks of the three variants alternate, so slow phases of the shared VM hit all alike:
+    raw = blocking ``dist.send``/``dist.recv`` into a reused buffer; pre-posted = ``irecv`` posted
+    before the peer sends + ``isend`` (raw torch.distributed, the pattern the transport uses), into
+    two alternating buffers (reused) or a fresh ``torch.empty`` per message (as the transport);
+    transport = ``DistributedTransport.send``/``recv``. A one-way stream (rank 0 sends ``reps``
+    tensors back to back; time per tensor) is timed per block for raw and transport."""
+    from partime_sim.backends.transport import DistributedTransport
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    peer, clock = 1 - rank, time.perf_counter_ns
+    res = {}
+    for nbytes in HOP_SIZES:
+        shape = (1, nbytes // 4)
+        t, buf = torch.randn(shape), torch.empty(shape)
+        got: dict[str, list[float]] = {k: [] for k in ("raw", "pre_reused", "pre", "transport", "raw_stream",
+                                                        "transport_stream")}
+        for _ in range(blocks):
+            dist.barrier()
+            for _ in range(reps):
+                t0 = clock()
+                if rank == 0:
+                    dist.send(t, 1)
+                    dist.recv(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+                got["raw"].append((clock() - t0) / 2)
+            for key in ("pre_reused", "pre"):
+                bufs = [torch.empty(shape), torch.empty(shape)]
+                work = dist.irecv(bufs[0], peer)
+                dist.barrier()
+                for i in range(reps):
+                    t0 = clock()
+                    nxt = bufs[(i + 1) % 2] if key == "pre_reused" else torch.empty(shape)
+                    if rank == 0:
+                        sent = dist.isend(t, 1)
+                        work.wait()
+                        work = dist.irecv(nxt, 1)
+                    else:
+                        work.wait()
+                        work = dist.irecv(nxt, 0)
+                        sent = dist.isend(t, 0)
+                    got[key].append((clock() - t0) / 2)
+                    sent.wait()
+                dist.send(t, peer)  # matches the last irecv posted by the peer
+                work.wait()
+            incoming = {peer: [(2 * i + (1 if rank == 0 else 0), shape) for i in range(reps)]}
+            tr = DistributedTransport(rank, torch.device("cpu"), torch.float32, incoming)
+            dist.barrier()
+            for i in range(reps):
+                t0 = clock()
+                if rank == 0:
+                    tr.send(2 * i, 1, t)
+                    tr.recv(2 * i + 1, 1, shape, torch.float32)
+                else:
+                    back = tr.recv(2 * i, 0, shape, torch.float32)
+                    tr.send(2 * i + 1, 0, back)
+                got["transport"].append((clock() - t0) / 2)
+            tr.finish()
+            # one-way streams: throughput of a hop when the sender never waits for the receiver
+            dist.barrier()
+            t0 = clock()
+            for _ in range(reps):
+                dist.send(t, 1) if rank == 0 else dist.recv(buf, 0)
+            dist.barrier()
+            got["raw_stream"].append((clock() - t0) / reps)
+            tr = DistributedTransport(rank, torch.device("cpu"), torch.float32,
+                                      {0: [(i, shape) for i in range(reps)]} if rank == 1 else {})
+            dist.barrier()
+            t0 = clock()
+            for i in range(reps):
+                tr.send(i, 1, t) if rank == 0 else tr.recv(i, 0, shape, torch.float32)
+            tr.finish()
+            dist.barrier()
+            got["transport_stream"].append((clock() - t0) / reps)
+        res[nbytes] = got
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def transport_hop(quick: bool) -> list[str]:
+    reps, blocks = (20, 5) if quick else (20, 40)
+    with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
+        out = str(Path(tmp) / "hop.json")
+        mp.spawn(_hop_worker, args=(free_port(), reps, blocks, out), nprocs=2)
+        res = json.loads(Path(out).read_text())
+    lines = ["| tensor | raw send/recv µs | pre-posted isend/irecv µs: reused buffer, fresh buffer | transport µs | "
+             "**transport / raw** | transport / pre-posted fresh | p10: raw, transport µs | "
+             "one-way stream µs/tensor: raw, transport |", "|---|---|---|---|---|---|---|---|"]
+    for nbytes in HOP_SIZES:
+        g = {k: np.asarray(v) / 1e3 for k, v in res[str(nbytes)].items()}
+        raw, reused, pre, tr = (float(np.median(g[k])) for k in ("raw", "pre_reused", "pre", "transport"))
+        label = f"{nbytes // 1024} KB" if nbytes < 1 << 20 else f"{nbytes >> 20} MB"
+        lines.append(f"| {label} | {raw:.0f} | {reused:.0f}, {pre:.0f} | {tr:.0f} | **{tr / raw:.2f}x** | "
+                     f"{tr / pre:.2f}x | {np.percentile(g['raw'], 10):.0f}, {np.percentile(g['transport'], 10):.0f} | "
+                     f"{np.median(g['raw_stream']):.0f}, {np.median(g['transport_stream']):.0f} |")
+    lines.append(f"\n(ping-pong, one hop = half a round trip; medians of {reps * blocks} round trips per cell, "
+                 f"in {blocks} alternating blocks; streams: median of {blocks} blocks of {reps} tensors)")
+    return lines
+
+
+# ---- (c) torch.distributed.pipelining on the same stages ------------------------------------------------
+def _torch_pp_worker(rank: int, port: int, size: int, runs: list[tuple[str, int, int, int]], out: str) -> None:
+    """One rank of torch.distributed.pipelining: for each (schedule, microbatches M, warm-up steps,
+    timed steps) a fresh PipelineStage + schedule over the same 2 stages; every ``step()`` takes a
+    minibatch of M single-sample microbatches and is followed by an SGD step. Samples/s over the
+    timed steps (between two barriers)."""
+    import torch.nn.functional as TF
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    module = conv_stages()[rank]
+    result = []
+    for name, M, warm, steps in runs:
+        x, y = stream((warm + steps) * M, size)
+        y = torch.as_tensor(y)
+        m = copy.deepcopy(module)
+        stage = PipelineStage(m, rank, 2, torch.device("cpu"))
+        cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
+        sched = cls(stage, n_microbatches=M, loss_fn=TF.cross_entropy)
+        opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM)
+        t0 = 0.0
+        for step in range(warm + steps):
+            if step == warm:
+                dist.barrier()
+                t0 = time.perf_counter()
+            lo, hi = step * M, (step + 1) * M
+            if rank == 0:
+                sched.step(x[lo:hi], return_outputs=False)
+            else:
+                sched.step(target=y[lo:hi], losses=[], return_outputs=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        result.append(steps * M / (time.perf_counter() - t0))
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def torch_pipelining(runs: list[tuple[str, int, int, int]], size: int) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="bench-pp-") as tmp:
+        out = str(Path(tmp) / "pp.json")
+        mp.spawn(_torch_pp_worker, args=(free_port(), size, runs, out), nprocs=2)
+        return json.loads(Path(out).read_text())
+
+
+def vs_torch(quick: bool) -> list[str]:
+    """Per repeat: torch.distributed.pipelining (one start-up, all its runs) next to this backend
+    (one start-up, all its runs); ratio = backend samples/s / torch samples/s of that repeat."""
+    size, M, warm = 32, 8, 2
+    steps, stream_steps, repeats = (8, 40, 1) if quick else (40, 240, 3)
+    N = steps * M  # backend: whole run (warm-up included) over the same number of samples
+    torch_runs = [("gpipe", M, warm, steps), ("1f1b", M, warm, steps), ("gpipe", 1, 2 * warm, stream_steps)]
+    ours = [("gpipe", "train", 2, M), ("1f1b", "train", 2, M)]
+    stream_ours = [("partime", "train", 2, None), ("partime-async", "train", 2, None)]
+    stages = conv_stages()
+    x, y = stream(N, size)
+    xs, ys = stream(stream_steps, size)
+    t_sps: list[list[float]] = []
+    b_sps: list[list[float]] = []
+    for _ in range(repeats):
+        t_sps.append(torch_pipelining(torch_runs, size))
+        b_sps.append([m["throughput_sps"] for m in backend_runs(ours, stages, x, y)]
+                     + [m["throughput_sps"] for m in backend_runs(stream_ours, stages, xs, ys)])
+    rows = [("gpipe, M=8 microbatches per minibatch", 0, 0, f"{N}"),
+            ("1f1b, M=8 (torch: Schedule1F1B, flushed; backend: 1f1b = PipeDream, no flush)", 1, 1, f"{N}"),
+            ("stream, microbatch = 1 sample, update per sample: torch GPipe(n_microbatches=1) vs backend partime",
+             2, 2, f"{stream_steps}"),
+            ("stream (as above) vs backend partime-async", 2, 3, f"{stream_steps}")]
+    lines = ["| case | samples (timed) | torch.distributed.pipelining samples/s | this backend samples/s | "
+             "**backend / torch** |", "|---|---|---|---|---|"]
+    for label, ti, bi, n in rows:
+        ratios = [b[bi] / t[ti] for t, b in zip(t_sps, b_sps)]
+        lines.append(f"| {label} | {n} | {_median(t[ti] for t in t_sps):.0f} | {_median(b[bi] for b in b_sps):.0f} | "
+                     f"**{_median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    lines.append(f"\n({size}x{size} frames, the stages of (a); torch: {warm} warm-up steps excluded "
+                 f"({2 * warm} for the stream), {repeats} repeat(s), medians)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
+    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab' (default: abc)")
+    parser.add_argument("--malloc-diagnostic", action="store_true",
+                        help=f"run every worker process with {MALLOC_ENV} (a diagnostic, not the default)")
+    args = parser.parse_args()
+    if args.malloc_diagnostic:
+        os.environ.update(MALLOC_ENV)  # read by glibc when each worker process starts
+    t0 = time.perf_counter()
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, torch {torch.__version__}; date {date.today()}"
+          + (f"; workers run with {MALLOC_ENV}" if args.malloc_diagnostic else "") + "\n")
+    if "a" in args.parts:
+        print("### (a) 2 CPU stages (one process, one core each) vs the sequential baseline\n")
+        print("\n".join(speedup(args.quick)))
+    if "b" in args.parts:
+        print("\n### (b) one hop: DistributedTransport vs raw torch.distributed (gloo, 2 processes)\n")
+        print("\n".join(transport_hop(args.quick)))
+    if "c" in args.parts:
+        print("\n### (c) this backend vs torch.distributed.pipelining (gloo, 2 processes, 1 thread each)\n")
+        print("\n".join(vs_torch(args.quick)))
+    print(f"\n(benchmark wall time {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
