@@ -1,0 +1,1 @@
+"""Reproductions of the PARTIME and LayerPipe papers' experiments (``partime-sim paper``)."""
