@@ -90,7 +90,10 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     partition = resolve_partition(cfg.partition, prof.network, cluster, schedule.num_stages, cfg.mode)
     if schedule.num_devices == 1:
         partition = Partition(partition.bounds, (0,) * partition.num_stages)
-    sim = simulate(schedule, prof.network, cluster, partition, engine="fast")
+    # task times vary (the profile measured their coefficient of variation): a lockstep tick waits
+    # for the slowest stage, so the prediction draws durations with the same spread
+    jitter = float(np.mean(list(prof.meta.get("jitter", {}).values()) or [0.0]))
+    sim = simulate(schedule, prof.network, cluster, partition, engine="fast", jitter=jitter, seed=cfg.seed)
     # the backend reads a sample when stage 0 is free (no arrival queue, no copies on CPU): latency
     # is first forward start -> last forward end on both sides
     pred_trace = sim.trace[~sim.trace["kind"].isin(["H2D", "D2H"])]

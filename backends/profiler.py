@@ -48,6 +48,7 @@ TRANSPORTS = ("distributed", "local")
 # one-way message sizes for the link fit: 4 B .. 16 MiB in powers of 4 (latency- to bandwidth-bound)
 LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
+BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
 
@@ -211,9 +212,48 @@ def profile_layers(
                    class_costs={device_class(dev): tuple(rows)})
 
 
+def _backend_task_stats(stages: list[nn.Module], x: np.ndarray, y: np.ndarray, device: str, dtype: Any,
+                        mode: str, threads: int | None) -> tuple[np.ndarray, float]:
+    """One real ``sequential`` run of ``stages`` on ``device``: the (stages, 3) mean seconds of
+    its F, B and OPT tasks, and the coefficient of variation of the task times (duration-weighted
+    over stages and kinds). The first quarter of the run is warm-up and skipped. Means, not
+    medians: a throughput is total time over samples, so the rare slow task counts."""
+    from partime_sim.backends.pipeline import run_pipeline
+    from partime_sim.generators import generate
+    from partime_sim.schedule import B, F, OPT
+
+    kinds = (F,) if mode == "infer" else (F, B, OPT)
+    with _Threads(threads if threads is not None else 1):
+        result = run_pipeline(generate("sequential", len(stages), len(x), mode), stages, x, y,
+                              devices=[device], dtype=dtype)
+    tr = result.trace
+    tr = tr[tr["start"] >= tr["end"].max() / 4]
+    mean = np.zeros((len(stages), 3))
+    weight, spread = 0.0, 0.0
+    for col, kind in enumerate((F, B, OPT)):
+        if kind in kinds:
+            rows = tr[tr["kind"].cat.codes == kind]
+            dur = (rows["end"] - rows["start"]).groupby(rows["stage"])
+            mean[:, col] = dur.mean().reindex(range(len(stages))).fillna(0.0).to_numpy()
+            total = dur.sum()
+            weight += float(total.sum())
+            spread += float((dur.std().fillna(0.0) / dur.mean() * total).sum())
+    return mean, (spread / weight if weight > 0 else 0.0)
+
+
+def _calibration_stream(model: nn.Sequential, input_shape: Sequence[int], samples: int) -> tuple[np.ndarray, ...]:
+    """Random inputs and zero targets of the model's output shape (mse to zero: any output works)."""
+    from partime_sim.models import check_stage_shapes
+
+    out_shape = check_stage_shapes([copy.deepcopy(model).float()], input_shape)[-1]
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((samples, *input_shape)).astype(np.float32)
+    return x, np.zeros((samples, int(np.prod(out_shape))), dtype=np.float32)
+
+
 def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int], device: str = "cpu",
               dtype: Any = "float32", mode: str = "train", *, samples: int = 40,
-              threads: int | None = None) -> tuple[Network, tuple[float, float, float]]:
+              threads: int | None = None) -> tuple[Network, tuple[float, float, float], float]:
     """Layer costs and per-task overheads as the backend itself spends them.
 
     A layer timed alone (``profile_layers``) misses what the backend adds per task: Python,
@@ -221,41 +261,23 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     loss. Two real runs of the ``sequential`` schedule on ``device`` measure it: one with every
     layer its own stage (L tasks of each kind per sample), one with the whole model as one stage
     (1 task). Per kind (forward, backward, optimizer step) the per-task overhead is the excess of
-    the first over the second, divided by L - 1; a layer's cost is its own median task time less
-    that overhead. BI and BW keep the ratio the direct timing gave them. Medians skip the first
-    quarter of each run (warm-up). Returns the network with these costs (``class_costs`` too)
-    and the (forward, backward, step) overhead for ``Device.task_overhead_s``."""
-    from partime_sim.backends.pipeline import run_pipeline
-    from partime_sim.generators import generate
-    from partime_sim.models import check_stage_shapes
-    from partime_sim.schedule import B, F, OPT
-
+    the first over the second, divided by L - 1; a layer's cost is its own mean task time less
+    that overhead. BI and BW keep the ratio the direct timing gave them. Returns the network with
+    these costs (``class_costs`` too), the (forward, backward, step) overhead for
+    ``Device.task_overhead_s``, and the whole-model run's coefficient of variation of task times
+    (the jitter a prediction should draw with)."""
     L = network.num_layers
-    out_shape = check_stage_shapes([copy.deepcopy(model).float()], input_shape)[-1]
-    gen = np.random.default_rng(0)
-    x = gen.standard_normal((samples, *input_shape)).astype(np.float32)
-    y = np.zeros((samples, int(np.prod(out_shape))), dtype=np.float32)  # mse to zero: any output shape works
-    kinds = (F,) if mode == "infer" else (F, B, OPT)
+    x, y = _calibration_stream(model, input_shape, samples)
+    children = list(model.children())
 
-    def task_medians(num_stages: int) -> np.ndarray:  # (stages, 3): median seconds of F, B, OPT tasks
-        children = list(model.children())
+    def task_means(num_stages: int) -> tuple[np.ndarray, float]:
         bounds = np.linspace(0, L, num_stages + 1).round().astype(int)
         stages = [nn.Sequential(*children[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        with _Threads(threads if threads is not None else 1):
-            result = run_pipeline(generate("sequential", num_stages, samples, mode), stages, x, y,
-                                  devices=[device], dtype=dtype)
-        tr = result.trace
-        tr = tr[tr["start"] >= tr["end"].max() / 4]
-        med = np.zeros((num_stages, 3))
-        for col, kind in enumerate((F, B, OPT)):
-            if kind in kinds:
-                rows = tr[tr["kind"].cat.codes == kind]
-                dur = (rows["end"] - rows["start"]).groupby(rows["stage"]).median()
-                med[:, col] = dur.reindex(range(num_stages)).fillna(0.0).to_numpy()
-        return med
+        return _backend_task_stats(stages, x, y, device, dtype, mode, threads)
 
-    per_layer = task_medians(L)
-    whole = task_medians(1)[0]
+    per_layer, _ = task_means(L)
+    whole, jitter = task_means(1)
+    whole = whole[0]
     overhead = np.maximum((per_layer.sum(axis=0) - whole) / (L - 1), 0.0) if L > 1 else np.zeros(3)
     cost = np.maximum(per_layer - overhead, 0.0)
     layers, rows = [], []
@@ -268,7 +290,80 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
         rows.append((fwd, bi, bw))
     cls = next(iter(network.class_costs), "cpu")
     calibrated = Network(network.name, tuple(layers), network.input_bytes, {cls: tuple(rows)})
-    return calibrated, (float(overhead[0]), float(overhead[1]), float(overhead[2]))
+    return calibrated, (float(overhead[0]), float(overhead[1]), float(overhead[2])), jitter
+
+
+def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, samples: int,
+                       threads: int | None, start: Any, out: Any) -> None:
+    """One of N processes running the whole model at the same time; reports its task-time sum."""
+    from partime_sim.torch_networks import resolve_model
+
+    try:
+        model = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).model
+        x, y = _calibration_stream(model, input_shape, samples)
+        start.wait(timeout=LINK_TIMEOUT_S)
+        mean, _ = _backend_task_stats([model], x, y, "cpu", dtype, mode, threads)
+        out.put(("ok", float(mean.sum())))
+    except BaseException as exc:
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
+                         input_shape: tuple[int, ...] | None = None, mode: str = "train", *,
+                         samples: int = 40, threads: int | None = None) -> float:
+    """How much longer a CPU task takes when ``count`` pipeline workers compute at once.
+
+    The whole model runs alone, then ``count`` copies run at the same moment as the pipeline's
+    workers would: processes for the ``distributed`` transport (sharing cores, caches, memory
+    bandwidth), threads of one process for ``local`` (sharing the GIL too). The slowdown is the
+    mean per-sample task time under load over the time alone (>= 1)."""
+    from partime_sim.torch_networks import resolve_model
+
+    resolved = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape)
+    x, y = _calibration_stream(resolved.model, resolved.input_shape, samples)
+    alone = float(_backend_task_stats([resolved.model], x, y, "cpu", dtype, mode, threads)[0].sum())
+    if transport == "local":
+        models = [copy.deepcopy(resolved.model) for _ in range(count)]
+        sums: list[float] = [0.0] * count
+        gate = threading.Barrier(count)
+
+        def work(i: int) -> None:
+            gate.wait()
+            sums[i] = float(_backend_task_stats([models[i]], x, y, "cpu", dtype, mode, threads)[0].sum())
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    else:
+        ctx = mp.get_context("spawn")
+        out, gate = ctx.Queue(), ctx.Barrier(count)
+        args = (spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, gate, out)
+        procs = [ctx.Process(target=_concurrent_worker, args=args, daemon=True) for _ in range(count)]
+        for p in procs:
+            p.start()
+        try:
+            sums, deadline = [], time.monotonic() + LINK_TIMEOUT_S
+            while len(sums) < count:
+                try:
+                    status, value = out.get(timeout=0.2)
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        raise PartimeError("the concurrency measurement " + (
+                            f"lost a worker (exit code {dead[0]})" if dead else
+                            f"did not finish in {LINK_TIMEOUT_S:g} s") + "; run again") from None
+                    continue
+                if status == "error":
+                    raise PartimeError(f"a concurrency-measurement worker failed: {value}")
+                sums.append(value)
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+    return max(1.0, float(np.mean(sums)) / alone) if alone > 0 else 1.0
 
 
 # ---- links -----------------------------------------------------------------------------------
@@ -341,14 +436,14 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
         barrier = []
-        for i in range(warmup + repeats):
+        for i in range(warmup + max(repeats, BARRIER_ROUNDS)):
             t0 = time.perf_counter_ns()
             dist.barrier()
             if i >= warmup:
                 barrier.append((time.perf_counter_ns() - t0) * 1e-9)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", points, float(np.median(barrier))))
+            out.put(("ok", points, float(np.mean(barrier))))  # a lockstep run pays every barrier: the mean
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         out.put(("error", rank, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
 
@@ -428,7 +523,7 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[f
         main.barrier()
         wait.append((time.perf_counter_ns() - t0) * 1e-9)
     worker.join()
-    return float(np.median(hand[warmup:])), float(np.median(wait[warmup:]))
+    return float(np.median(hand[warmup:])), float(np.mean(wait[warmup:]))  # every barrier is paid: mean
 
 
 def _copy_points(src: torch.device, dst: torch.device, sizes: Sequence[int], warmup: int,
@@ -580,6 +675,7 @@ def profile(
     per_class: dict[str, Network] = {}
     overheads: dict[str, tuple[float, float, float]] = {}
     direct: dict[str, Any] = {}
+    jitter: dict[str, float] = {}
     for dev in devs:
         cls = device_class(dev)
         if cls not in per_class:
@@ -588,8 +684,8 @@ def profile(
             overheads[cls] = (0.0, 0.0, 0.0)
             if calibrated:
                 direct[cls] = [list(r) for r in per_class[cls].class_costs[cls]]
-                per_class[cls], overheads[cls] = calibrate(per_class[cls], resolved.model, resolved.input_shape,
-                                                           str(dev), dtype, mode, threads=threads)
+                per_class[cls], overheads[cls], jitter[cls] = calibrate(
+                    per_class[cls], resolved.model, resolved.input_shape, str(dev), dtype, mode, threads=threads)
     first = next(iter(per_class.values()))
     analytic = resolved.network if resolved.network.num_layers == first.num_layers else None
     layers = tuple(lay if analytic is None else dataclasses.replace(lay, flops=analytic.layers[i].flops)
@@ -598,6 +694,10 @@ def profile(
                       {cls: net.class_costs[cls] for cls, net in per_class.items()})
     links = profile_links([str(d) for d in devs], transport, link_sizes)
     count = max(len(devs), 2)
+    slowdown = 1.0  # GPUs (one process or stream each) are taken not to slow each other
+    if calibrated and all(d.type == "cpu" for d in devs):
+        slowdown = concurrency_slowdown(spec, count, transport, seed, dtype, tuple(resolved.input_shape), mode,
+                                        threads=threads)
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
@@ -607,6 +707,7 @@ def profile(
               for i, (cls, mem) in enumerate(zip(classes, memory))),
         link=links.link, links={k: v for k, v in links.pairs.items() if max(k) < count},
         host_link=links.host_link, barrier_s=links.barrier_s * barrier_rounds(count),
+        concurrency_slowdown=slowdown,
     )
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -617,5 +718,6 @@ def profile(
         "link_points": links.points,
         "barrier_per_round_s": links.barrier_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
+        "jitter": jitter, "concurrency_slowdown": slowdown,
     }
     return Profile(network, cluster, meta)

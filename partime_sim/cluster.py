@@ -71,6 +71,9 @@ class Cluster:
     links: dict[tuple[int, int], Link] = field(default_factory=dict)  # (src, dst) overrides
     host_link: Link = Link()  # host<->device copies (H2D of inputs, D2H of outputs)
     barrier_s: float = 0.0  # cost of one global barrier (lockstep schedules)
+    # compute tasks take this factor longer when a schedule runs on more than one device: the
+    # devices share one host's cores, caches and memory bandwidth (measured by the profiler)
+    concurrency_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -78,6 +81,9 @@ class Cluster:
             raise ConfigError(f"cluster {self.name!r} has no devices; give at least one")
         if not self.barrier_s >= 0:
             raise ConfigError(f"cluster {self.name!r}: barrier_s={self.barrier_s!r} must be >= 0")
+        if not (self.concurrency_slowdown >= 1.0 and math.isfinite(self.concurrency_slowdown)):
+            raise ConfigError(f"cluster {self.name!r}: concurrency_slowdown={self.concurrency_slowdown!r} must be "
+                              "a finite factor >= 1 (1.0 = devices do not slow each other)")
         for src, dst in self.links:
             for idx in (src, dst):
                 if not 0 <= idx < len(self.devices):
@@ -110,6 +116,7 @@ class Cluster:
             "links": [{"src": s, "dst": d, **asdict(lk)} for (s, d), lk in self.links.items()],
             "host_link": asdict(self.host_link),
             "barrier_s": self.barrier_s,
+            "concurrency_slowdown": self.concurrency_slowdown,
         }
 
     @classmethod
@@ -127,6 +134,7 @@ class Cluster:
                 links=links,
                 host_link=Link(**data.get("host_link", {})),
                 barrier_s=data.get("barrier_s", 0.0),
+                concurrency_slowdown=data.get("concurrency_slowdown", 1.0),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(
@@ -278,7 +286,8 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
     first device (the profiled device class, so the network's measured costs apply, speed 1.0)
     joined by its default link, with its host link, and its barrier rescaled by dissemination
     rounds: a profile of two CPU processes already says what any pair of them costs, so one
-    profile serves every device count (per-pair overrides are dropped).
+    profile serves every device count (per-pair overrides are dropped). The concurrency
+    slowdown is kept as measured (for the profiled number of concurrent devices).
     """
     _check_count(num_devices)
     if num_devices == cluster.num_devices:
@@ -287,4 +296,5 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
     devices = tuple(dataclasses.replace(first, name=f"{first.kind}:{i}") for i in range(num_devices))
     per_round = cluster.barrier_s / max(barrier_rounds(cluster.num_devices), 1)
     return Cluster(cluster.name, devices, link=cluster.link, host_link=cluster.host_link,
-                   barrier_s=barrier_rounds(num_devices) * per_round)
+                   barrier_s=barrier_rounds(num_devices) * per_round,
+                   concurrency_slowdown=cluster.concurrency_slowdown)

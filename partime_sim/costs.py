@@ -135,6 +135,8 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
         table[t, :S, BW] = per_layer[:, 2] * mb + ov_b
         table[t, :S, B] = (per_layer[:, 1] + per_layer[:, 2]) * mb + ov_b
         table[t, :S, OPT] = np.add.reduceat(network.opt_costs(speed), starts) + ov_opt  # per update, not per sample
+    if schedule.num_devices > 1:  # devices sharing a host slow each other's compute
+        table[:, :S] *= cluster.concurrency_slowdown
     table[:, :, BARRIER] = cluster.barrier_s
     flat = schedule.stage.astype(np.int64)  # flat index ((type * (S + 1)) + stage) * K + kind, in place
     flat[flat < 0] = S

@@ -136,3 +136,28 @@ def test_task_overhead_adds_to_every_compute_task_exactly() -> None:
     assert Cluster.from_dict(slow.to_dict()) == slow  # survives JSON
     with pytest.raises(ConfigError, match="task_overhead_s"):
         Device("d", task_overhead_s=(1.0, -1.0, 0.0))
+
+
+def test_concurrency_slowdown_scales_compute_only_when_several_devices_work() -> None:
+    from dataclasses import replace
+
+    from partime_sim.catalogue import get_network
+    from partime_sim.cluster import resize_profiled
+    from partime_sim.generators import generate
+    from partime_sim.partition import Partition, even_partition
+    from partime_sim.simulate import simulate
+
+    net, N = get_network("uniform:4"), 20
+    base = ideal_cluster(2)
+    shared = replace(base, concurrency_slowdown=1.25)
+    one = generate("sequential", 4, N, "train")
+    part1 = Partition(even_partition(4, 4).bounds, (0,) * 4)
+    assert simulate(one, net, shared, part1).makespan == simulate(one, net, base, part1).makespan  # alone: no slowdown
+    two = generate("partime-async", 2, N, "train")
+    part2 = even_partition(4, 2)
+    assert simulate(two, net, shared, part2).makespan == pytest.approx(
+        1.25 * simulate(two, net, base, part2).makespan, rel=1e-12)  # ideal links: every task 1.25x
+    assert Cluster.from_dict(shared.to_dict()) == shared  # survives JSON
+    assert resize_profiled(shared, 8).concurrency_slowdown == 1.25
+    with pytest.raises(ConfigError, match="concurrency_slowdown=0.5"):
+        replace(base, concurrency_slowdown=0.5)

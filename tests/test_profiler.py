@@ -181,6 +181,9 @@ def test_profile_end_to_end_with_catalogue_flops():
     assert list(prof.network.class_costs) == ["cpu"]
     assert [d.kind for d in prof.cluster.devices] == ["cpu", "cpu"]  # a pipeline needs two workers
     assert {"date", "machine", "torch", "threads", "repeats"} <= prof.meta.keys() and prof.meta["threads"] == 1
+    # two local workers (threads) computing at once share cores and the GIL: measured, never < 1
+    assert prof.cluster.concurrency_slowdown == prof.meta["concurrency_slowdown"] >= 1.0
+    assert set(prof.meta["jitter"]) == {"cpu"} and prof.meta["jitter"]["cpu"] >= 0
 
 
 def test_profile_a_factory_module(tmp_path):
@@ -230,9 +233,10 @@ def test_calibration_from_backend_runs_gives_nonnegative_costs_and_overheads() -
 
     model = build_torch_model("mlp", 0)
     direct = profile_layers(model, (32,), "cpu", warmup=1, repeats=3)
-    net, overhead = calibrate(direct, model, (32,), samples=16)
+    net, overhead, jitter = calibrate(direct, model, (32,), samples=16)
     assert [l.name for l in net.layers] == [l.name for l in direct.layers]
     assert len(overhead) == 3 and min(overhead) >= 0
+    assert math.isfinite(jitter) and jitter >= 0  # coefficient of variation of the task times
     assert all(l.fwd >= 0 and l.bwd_input >= 0 and l.bwd_weight >= 0 for l in net.layers)
     assert sum(l.fwd + l.bwd_input + l.bwd_weight for l in net.layers) > 0
     assert net.class_costs["cpu"][0] == (net.layers[0].fwd, net.layers[0].bwd_input, net.layers[0].bwd_weight)
