@@ -580,7 +580,10 @@ def profile_links(
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
         points, barrier = _measure_gloo(sizes, warmup, repeats)
-        return LinkProfile(fit_link(*zip(*points)), Link(), barrier, points={"cpu->cpu": points})
+        # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
+        # thread) taken from the same cores the stages compute on: charged to the sender
+        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True)
+        return LinkProfile(link, Link(), barrier, points={"cpu->cpu": points})
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")
     host_pts = _copy_points(torch.device("cpu"), devs[0], sizes, warmup, repeats)

@@ -46,6 +46,9 @@ class Link:
     latency_s: float = 0.0
     bandwidth_Bps: float = math.inf
     medium: str | None = None  # links with the same medium share one resource (contention)
+    # the bytes / bandwidth part of a transfer keeps the *sending* device busy (CPU processes over
+    # TCP: the sending thread writes the data into the socket); only the latency is in flight
+    sender_busy: bool = False
 
     def __post_init__(self) -> None:
         if not self.latency_s >= 0:

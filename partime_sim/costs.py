@@ -78,6 +78,10 @@ def task_costs(
     _check_noise(jitter, straggler_prob, straggler_factor)
     mb = _microbatch_size(schedule)
     duration = _durations(schedule, network, cluster, partition, mb)
+    edge_time, transfer, busy = _edges(schedule, network, cluster, partition, mb)
+    if busy.any():  # the copy part of a send occupies the sender: it moves from the edge to the task
+        np.add.at(duration, schedule.dep_src, busy)
+        edge_time -= busy
     rng = _rng(seed, "durations")
     if jitter > 0:  # lognormal with mean 1 and coefficient of variation `jitter`
         sigma = math.sqrt(math.log1p(jitter * jitter))
@@ -94,7 +98,6 @@ def task_costs(
     first = np.flatnonzero((schedule.kind == F) & (schedule.stage == 0))
     release[first] = arrival[schedule.sample[first]] + h2d
 
-    edge_time, transfer = _edges(schedule, network, cluster, partition, mb)
     return TaskCosts(duration, release, edge_time, transfer, arrival, h2d, d2h)
 
 
@@ -148,18 +151,20 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
 
 
 def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Partition,
-           mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Transfer seconds per dependency: F sends the stage's output, B/BI its input gradient."""
+           mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Transfer seconds per dependency (F sends the stage's output, B/BI its input gradient),
+    whether it crosses devices, and the part of it (bytes / bandwidth) that keeps the sender
+    busy on ``sender_busy`` links."""
     src = schedule.dep_src
     device = schedule.device.astype(np.int16) if cluster.num_devices < 2**15 else schedule.device  # halves the gathers
     dev_src, dev_dst = device[src], device[schedule.dep_dst]
     transfer = dev_src != dev_dst
     transfer &= dev_src >= 0  # global tasks (device -1) move nothing
     transfer &= dev_dst >= 0
-    edge = np.zeros(src.size)
+    edge, busy = np.zeros(src.size), np.zeros(src.size)
     links = [cluster.link, *cluster.links.values()]
     if all(link.is_ideal for link in links):
-        return edge, transfer
+        return edge, transfer, busy
     idx = np.flatnonzero(transfer)
     S, K = partition.num_stages, len(KINDS)
     act = network.act_bytes()
@@ -171,7 +176,9 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     nbytes = sent[np.where(schedule.stage[s] < 0, S, schedule.stage[s]), schedule.kind[s]] * mb
     if not cluster.links:
         edge[idx] = cluster.link.latency_s + nbytes / cluster.link.bandwidth_Bps  # x / inf == 0
-        return edge, transfer
+        if cluster.link.sender_busy:
+            busy[idx] = nbytes / cluster.link.bandwidth_Bps
+        return edge, transfer, busy
     # per-pair overrides: look every pair up in a sorted table of link keys (default last)
     D = cluster.num_devices
     keys = np.array([p * D + q for p, q in cluster.links], dtype=np.int64)
@@ -182,7 +189,9 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     pos = np.minimum(np.searchsorted(keys[order], pair), keys.size - 1)
     which = np.where(keys[order][pos] == pair, order[pos], keys.size)
     edge[idx] = latency[which] + nbytes / bandwidth[which]
-    return edge, transfer
+    sender_busy = np.array([lk.sender_busy for lk in cluster.links.values()] + [cluster.link.sender_busy])
+    busy[idx] = np.where(sender_busy[which], nbytes / bandwidth[which], 0.0)
+    return edge, transfer, busy
 
 
 # ---- memory ------------------------------------------------------------------------------

@@ -161,3 +161,26 @@ def test_concurrency_slowdown_scales_compute_only_when_several_devices_work() ->
     assert resize_profiled(shared, 8).concurrency_slowdown == 1.25
     with pytest.raises(ConfigError, match="concurrency_slowdown=0.5"):
         replace(base, concurrency_slowdown=0.5)
+
+
+def test_sender_busy_link_moves_the_copy_from_the_edge_onto_the_sending_task() -> None:
+    from dataclasses import replace
+
+    from partime_sim.costs import task_costs
+    from partime_sim.generators import generate
+    from partime_sim.partition import even_partition
+    from partime_sim.schedule import F
+
+    net, N = get_network("mlp"), 6  # activations of some KB
+    sched = generate("partime-async", 2, N, "train")
+    part = even_partition(net.num_layers, 2)
+    wire = replace(ideal_cluster(2), link=Link(latency_s=1e-4, bandwidth_Bps=1e8))
+    busy = replace(wire, link=replace(wire.link, sender_busy=True))
+    a, b = task_costs(sched, net, wire, part), task_costs(sched, net, busy, part)
+    copy = np.zeros(len(sched))
+    np.add.at(copy, sched.dep_src[a.transfer], a.edge_time[a.transfer] - 1e-4)  # bytes / bandwidth per send
+    assert np.all(copy[(sched.kind == F) & (sched.stage == 0)] > 0)  # stage 0 sends every activation
+    assert np.allclose(b.duration, a.duration + copy, rtol=0, atol=1e-15)
+    assert np.allclose(b.edge_time[b.transfer], 1e-4, rtol=0, atol=1e-15)  # only the latency is in flight
+    assert np.array_equal(b.edge_time[~b.transfer], a.edge_time[~a.transfer])
+    assert Cluster.from_dict(busy.to_dict()) == busy
