@@ -226,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clusters", help="list the cluster presets")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", help="the main job: a what-if study with a report directory")
+    p = sub.add_parser("demo", help="the main job: a what-if sweep (1 to 1024 devices), a real 2-stage CPU run "
+                                    "(predicted vs measured) and a staleness study, with a report directory")
     p.add_argument("--out", type=Path, default=Path("partime-report"), help="report directory [partime-report]")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (for tests)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for tests, ~30 s)")
     return parser
 
 
