@@ -101,8 +101,9 @@ def plot_utilization(summaries: Mapping[str, Mapping[str, Any]], path: str | Pat
     plt = _pyplot()
     rows = [{"device": d, "utilization": u, "source": label}
             for label, summary in summaries.items() for d, u in enumerate(summary["utilization"])]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.2, 4))
     sns.barplot(data=pd.DataFrame(rows), x="device", y="utilization", hue="source", ax=ax)
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # never over the bars
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("busy fraction of the makespan")
     ax.set_title(title or "per-device utilisation")
@@ -160,7 +161,7 @@ def plot_compensation(rows: Sequence[Mapping[str, Any]], path: str | Path, *, me
     df = pd.DataFrame(list(rows))
     seq = df[df["schedule"] == "sequential"]
     df = df[df["schedule"] != "sequential"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7.8, 4))
     sns.lineplot(data=df, x="devices", y=metric, hue="compensation", style="schedule", marker="o", ax=ax)
     if len(seq):
         ax.axhline(float(seq[metric].mean()), ls="--", color="grey", label="sequential")
@@ -168,7 +169,7 @@ def plot_compensation(rows: Sequence[Mapping[str, Any]], path: str | Path, *, me
     ax.set_xlabel("devices (pipeline stages)")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title or "loss vs devices per compensation method")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over the lines
     return _save(fig, path)
 
 

@@ -16,6 +16,7 @@ processes) so stages do not fight for cores.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import socket
@@ -60,6 +61,7 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
+    importlib.import_module("torch._dynamo")  # torch.optim imports it on first use: pay that before the clock starts
     try:
         gathered = []
         for job in jobs:
