@@ -4,8 +4,10 @@ Cost model (every partitioner here is judged by it; ``stage_times`` computes it)
 
 - Compute: stage k runs on device ``devices[k]``; its compute time is the sum over its
   layers of ``Network.costs(device.kind, device.speed)``: ``fwd`` in mode ``"infer"``,
-  ``fwd + bwd_input + bwd_weight`` in mode ``"train"``. So heterogeneous devices (other
-  speeds, or measured per-class costs) give the same layers a different cost.
+  ``fwd + bwd_input + bwd_weight + opt`` in mode ``"train"`` (the streaming schedules update
+  after every sample, so a parameter-heavy stage pays its optimizer step every tick). So
+  heterogeneous devices (other speeds, or measured per-class costs) give the same layers a
+  different cost.
 - Transfers: a stage k < S-1 ending at layer j-1 sends that layer's ``act_bytes`` to stage
   k+1's device; in training a stage k >= 1 starting at layer i sends the gradient of its
   input (the same size, ``act_bytes`` of layer i-1) back to stage k-1's device. Each takes
@@ -194,6 +196,8 @@ class _StageCosts:
             key = (dev.kind, dev.speed)
             if key not in prefixes:
                 compute = _layer_compute(network.costs(dev.kind, dev.speed), mode)
+                if mode == "train":
+                    compute = compute + network.opt_costs(dev.speed)
                 prefixes[key] = np.concatenate([[0.0], np.cumsum(compute)])
             self.prefix.append(prefixes[key])
             self.send.append(link_times(d, devices[k + 1]) if k < last else zeros)

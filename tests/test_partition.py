@@ -35,7 +35,8 @@ def reference_stage_times(net, cluster, p, mode):
     for k in range(p.num_stages):
         dev = cluster.devices[d[k]]
         c = net.costs(dev.kind, dev.speed)
-        t = sum(c[i, 0] + (c[i, 1] + c[i, 2] if mode == "train" else 0.0) for i in p.layers(k))
+        opt = net.opt_costs(dev.speed)
+        t = sum(c[i, 0] + (c[i, 1] + c[i, 2] + opt[i] if mode == "train" else 0.0) for i in p.layers(k))
         if k < p.num_stages - 1:
             t += cluster.transfer_time(d[k], d[k + 1], net.layers[b[k + 1] - 1].act_bytes)
         if mode == "train" and k > 0:
@@ -185,10 +186,11 @@ def test_stage_times_follow_the_cost_model_on_a_preset():
     p = Partition.from_sizes([10, 20], 30)
     train, infer = stage_times(net, cluster, p, "train"), stage_times(net, cluster, p, "infer")
     act = net.layers[9].act_bytes
-    # stage 0 sends its output forward; in training stage 1 also computes BI/BW and sends the gradient back
+    # stage 0 sends its output forward; in training stage 1 also computes BI/BW, updates, and sends the gradient back
     assert infer[0] == pytest.approx(sum(lay.fwd for lay in net.layers[:10]) / cluster.devices[0].speed
                                      + cluster.transfer_time(0, 1, act))
-    assert train[1] - infer[1] == pytest.approx(sum(lay.bwd_input + lay.bwd_weight for lay in net.layers[10:])
+    assert train[1] - infer[1] == pytest.approx(sum(lay.bwd_input + lay.bwd_weight + lay.opt
+                                                    for lay in net.layers[10:])
                                                 / cluster.devices[1].speed + cluster.transfer_time(1, 0, act))
 
 
@@ -334,3 +336,15 @@ def test_unknown_mode_is_a_config_error():
         partition_minmax(get_network("uniform:4"), ideal_cluster(2), 2, mode="backward")
     with pytest.raises(ConfigError, match="'backward'"):
         stage_times(get_network("uniform:4"), ideal_cluster(2), even_partition(4, 2), mode="backward")
+
+
+def test_minmax_counts_the_optimizer_step_in_training():
+    """A parameter-heavy layer whose update costs more than its compute moves the boundary."""
+    from dataclasses import replace
+
+    net = make_net([1e-3] * 4)
+    heavy = replace(net, layers=(*net.layers[:3], replace(net.layers[3], opt=5e-3)))
+    cluster = Cluster("two", (Device("a"), Device("b")))
+    assert partition_minmax(net, cluster, 2, "train").sizes == (2, 2)
+    assert partition_minmax(heavy, cluster, 2, "train").sizes == (3, 1)  # the update alone fills a stage
+    assert partition_minmax(heavy, cluster, 2, "infer").sizes == (2, 2)  # no update in inference
