@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(predicted vs measured) and a staleness study, with a report directory")
     p.add_argument("--out", type=Path, default=Path("partime-report"), help="report directory [partime-report]")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for tests, ~30 s)")
+
+    p = sub.add_parser("paper", help="reproduce the PARTIME and LayerPipe experiments: RESULTS.md and figures")
+    p.add_argument("--out", type=Path, default=None, help="output directory [the repository's paper/ folder]")
+    p.add_argument("--quick", action="store_true", help="small sizes, under a minute (for tests)")
     return parser
 
 
@@ -465,6 +469,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, quick=args.quick)
 
 
+def _paper(args: argparse.Namespace) -> int:
+    from partime_sim.paper.reproduce import run_paper
+
+    print(f"results: {run_paper(args.out, quick=args.quick)}")
+    return 0
+
+
 COMMANDS = {
     "simulate": _simulate,
     "sweep": _sweep,
@@ -479,6 +490,7 @@ COMMANDS = {
     "schedules": _schedules,
     "clusters": _clusters,
     "demo": _demo,
+    "paper": _paper,
 }
 
 
