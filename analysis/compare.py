@@ -68,6 +68,32 @@ def relative_errors(predicted: dict[str, Any], measured: dict[str, Any]) -> dict
     return err
 
 
+def predict(prof: Any, schedule_name: str, stages: int, samples: int, mode: str = "train",
+            microbatches: int | None = None, partition: str = "minmax", seed: int = 0) -> tuple[Any, ...]:
+    """The simulator's prediction of a run on a profiled machine: (summary, trace, Partition,
+    Schedule). Only the profile is used: measured costs, links, barrier, overheads, concurrency
+    slowdown, and the measured spread of task times (a lockstep tick waits for its slowest stage,
+    so the durations are drawn with the same coefficient of variation)."""
+    from partime_sim.cluster import resize_profiled
+    from partime_sim.metrics import summarize
+    from partime_sim.partition import Partition
+    from partime_sim.simulate import simulate
+    from partime_sim.study import resolve_partition, resolve_schedule
+
+    schedule = resolve_schedule(schedule_name, stages, samples, mode, microbatches)
+    cluster = resize_profiled(prof.cluster, max(schedule.num_devices, 2))
+    parts = resolve_partition(partition, prof.network, cluster, schedule.num_stages, mode)
+    if schedule.num_devices == 1:
+        parts = Partition(parts.bounds, (0,) * parts.num_stages)
+    jitter = float(np.mean(list(prof.meta.get("jitter", {}).values()) or [0.0]))
+    sim = simulate(schedule, prof.network, cluster, parts, engine="fast", jitter=jitter, seed=seed)
+    # the backend reads a sample when stage 0 is free (no arrival queue, no copies on CPU): latency
+    # is first forward start -> last forward end on both sides
+    trace = sim.trace[~sim.trace["kind"].isin(["H2D", "D2H"])]
+    summary = summarize(trace, baseline_makespan=sim.baseline_makespan, num_devices=schedule.num_devices)
+    return summary, trace, parts, schedule
+
+
 def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     """Profile (or load), simulate, run, and put the two side by side."""
     from dataclasses import replace
@@ -75,29 +101,14 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     from partime_sim.backends.pipeline import parse_devices
     from partime_sim.backends.profiler import load_profile, profile
     from partime_sim.backends.run import RunConfig, run_config
-    from partime_sim.cluster import resize_profiled
     from partime_sim.metrics import summarize
-    from partime_sim.partition import Partition
-    from partime_sim.simulate import simulate
-    from partime_sim.study import resolve_partition, resolve_schedule
 
     devices = parse_devices(cfg.devices)
     prof = load_profile(cfg.profile) if cfg.profile else profile(
         cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     S = len(devices) if cfg.schedule != "sequential" else 1
-    schedule = resolve_schedule(cfg.schedule, S, cfg.samples, cfg.mode, cfg.microbatches)
-    cluster = resize_profiled(prof.cluster, max(schedule.num_devices, 2))
-    partition = resolve_partition(cfg.partition, prof.network, cluster, schedule.num_stages, cfg.mode)
-    if schedule.num_devices == 1:
-        partition = Partition(partition.bounds, (0,) * partition.num_stages)
-    # task times vary (the profile measured their coefficient of variation): a lockstep tick waits
-    # for the slowest stage, so the prediction draws durations with the same spread
-    jitter = float(np.mean(list(prof.meta.get("jitter", {}).values()) or [0.0]))
-    sim = simulate(schedule, prof.network, cluster, partition, engine="fast", jitter=jitter, seed=cfg.seed)
-    # the backend reads a sample when stage 0 is free (no arrival queue, no copies on CPU): latency
-    # is first forward start -> last forward end on both sides
-    pred_trace = sim.trace[~sim.trace["kind"].isin(["H2D", "D2H"])]
-    predicted = summarize(pred_trace, baseline_makespan=sim.baseline_makespan, num_devices=schedule.num_devices)
+    predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
+                                                         cfg.microbatches, cfg.partition, cfg.seed)
 
     run_cfg = RunConfig(cfg.network, cfg.schedule, cfg.devices, transport=cfg.transport, samples=cfg.samples,
                         mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,

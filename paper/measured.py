@@ -40,28 +40,8 @@ def _cuda_text() -> str:
             "i.e. it predicts the with-CUDA-graphs end of the paper's comparison.")
 
 
-def _predicted(prof: Any, schedule: str, samples: int) -> tuple[dict[str, Any], list[int]]:
-    """The simulator on the profile, as ``analysis.compare`` predicts: (summary, stage sizes)."""
-    from partime_sim.cluster import resize_profiled
-    from partime_sim.metrics import summarize
-    from partime_sim.partition import Partition
-    from partime_sim.simulate import simulate
-    from partime_sim.study import resolve_partition, resolve_schedule
-
-    stages = 1 if schedule == "sequential" else 2
-    sched = resolve_schedule(schedule, stages, samples, "train", None)
-    cluster = resize_profiled(prof.cluster, 2)
-    partition = resolve_partition("minmax", prof.network, cluster, sched.num_stages, "train")
-    if sched.num_devices == 1:
-        partition = Partition(partition.bounds, (0,) * partition.num_stages)
-    sim = simulate(sched, prof.network, cluster, partition, engine="fast")
-    # the backend reads a sample when stage 0 is free and copies nothing on CPU (as compare does)
-    trace = sim.trace[~sim.trace["kind"].isin(["H2D", "D2H"])]
-    return summarize(trace, baseline_makespan=sim.baseline_makespan, num_devices=sched.num_devices), \
-        list(partition.sizes)
-
-
 def measured_cpu(settings: Settings) -> Experiment:
+    from partime_sim.analysis.compare import predict
     from partime_sim.backends.profiler import profile
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.study import StudyConfig, run_study
@@ -73,7 +53,8 @@ def measured_cpu(settings: Settings) -> Experiment:
     rows: list[dict[str, Any]] = []
     base = None
     for schedule in tqdm(("sequential", *SCHEDULES), desc="real CPU runs", unit="run", leave=False, disable=None):
-        predicted, sizes = _predicted(prof, schedule, samples)
+        predicted, _, parts, _ = predict(prof, schedule, 1 if schedule == "sequential" else 2, samples, "train")
+        sizes = list(parts.sizes)
         devices = "cpu" if schedule == "sequential" else "cpu,cpu"
         cfg = RunConfig(network, schedule, devices, transport=transport, samples=samples,
                         partition=",".join(map(str, sizes)), threads=1)
