@@ -48,6 +48,8 @@ TRANSPORTS = ("distributed", "local")
 # one-way message sizes for the link fit: 4 B .. 16 MiB in powers of 4 (latency- to bandwidth-bound)
 LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
+LOADED_STEPS = 600  # compute steps of ~0.2 ms each for the send cost under load
+LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
@@ -441,16 +443,62 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
             dist.barrier()
             if i >= warmup:
                 barrier.append((time.perf_counter_ns() - t0) * 1e-9)
+        send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", points, float(np.mean(barrier))))  # a lockstep run pays every barrier: the mean
+            out.put(("ok", points, float(np.mean(barrier)), send_cost))  # a lockstep run pays every barrier: the mean
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         out.put(("error", rank, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
 
 
+def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
+    """Seconds a message costs its sender while both processes compute, as in a pipeline.
+
+    A ping-pong between idle processes misses it: in a pipeline every core is busy, the
+    receiver's communication thread has to be scheduled in, and a receiver that blocked (its
+    core idle) has to be woken, which on some VMs takes milliseconds. Rank 0 runs a ~0.2 ms
+    compute step ``steps`` times, rank 1 a step half as long, first without messages, then with
+    rank 0 sending a small tensor to rank 1 after every step and rank 1 receiving one before
+    every step (a 2-stage pipeline whose second stage waits). The cost is the mean extra time
+    per step of rank 0 (>= 0)."""
+    a = torch.randn(96, 96)
+    msg = torch.zeros(256)
+
+    def compute() -> None:  # the receiver computes half as long: it waits for every message, as
+        for _ in range(8 if rank == 0 else 4):  # the stages after a pipeline's bottleneck do
+            torch.mm(a, a)
+
+    def timed(send: bool) -> float:
+        dist.barrier()
+        times, pending = [], []
+        receiving = rank == 1 and send
+        posted = [dist.irecv(torch.empty_like(msg), 0) for _ in range(min(LOOKAHEAD_RECV, steps))] if receiving else []
+        for i in range(steps):
+            t0 = time.perf_counter_ns()
+            if receiving:
+                posted.pop(0).wait()
+                if len(posted) + i + 1 < steps:
+                    posted.append(dist.irecv(torch.empty_like(msg), 0))
+            compute()
+            if rank == 0 and send:
+                pending.append(dist.isend(msg, 1))
+            times.append(time.perf_counter_ns() - t0)
+        for work in pending:
+            work.wait()
+        return float(np.mean(times[steps // 4:])) * 1e-9
+
+    for _ in range(2):  # warm-up
+        timed(False)
+    base, loaded = timed(False), timed(True)
+    if rank == 1:
+        return 0.0
+    return max(loaded - base, 0.0)
+
+
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
-                  timeout_s: float = LINK_TIMEOUT_S) -> tuple[list[list[float]], float]:
-    """Spawn two local gloo processes; their (bytes, one-way s) points and barrier seconds.
+                  timeout_s: float = LINK_TIMEOUT_S) -> tuple[list[list[float]], float, float]:
+    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and the
+    sender's cost of a message under load (``_loaded_send_cost``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
@@ -478,7 +526,7 @@ def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
             if msg[0] == "error":
                 raise PartimeError(f"link worker rank {msg[1]} failed: {msg[2]}; check that loopback TCP "
                                    "works (GLOO_SOCKET_IFNAME), or use --transport local")
-            return msg[1], msg[2]
+            return msg[1], msg[2], msg[3]
     finally:
         for p in procs:
             p.join(timeout=5)
@@ -579,10 +627,10 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier = _measure_gloo(sizes, warmup, repeats)
+        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
         # thread) taken from the same cores the stages compute on: charged to the sender
-        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True)
+        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost)
         return LinkProfile(link, Link(), barrier, points={"cpu->cpu": points})
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")

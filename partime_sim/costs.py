@@ -153,8 +153,9 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
 def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Partition,
            mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Transfer seconds per dependency (F sends the stage's output, B/BI its input gradient),
-    whether it crosses devices, and the part of it (bytes / bandwidth) that keeps the sender
-    busy on ``sender_busy`` links."""
+    whether it crosses devices, and the part of it that keeps the sender busy: the link's
+    ``send_cost_s``, plus bytes / bandwidth on ``sender_busy`` links. (The send cost is added to
+    the edge so that, once moved onto the sending task, the receiver sees the same delay.)"""
     src = schedule.dep_src
     device = schedule.device.astype(np.int16) if cluster.num_devices < 2**15 else schedule.device  # halves the gathers
     dev_src, dev_dst = device[src], device[schedule.dep_dst]
@@ -178,6 +179,8 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
         edge[idx] = cluster.link.latency_s + nbytes / cluster.link.bandwidth_Bps  # x / inf == 0
         if cluster.link.sender_busy:
             busy[idx] = nbytes / cluster.link.bandwidth_Bps
+        busy[idx] += cluster.link.send_cost_s
+        edge[idx] += cluster.link.send_cost_s
         return edge, transfer, busy
     # per-pair overrides: look every pair up in a sorted table of link keys (default last)
     D = cluster.num_devices
@@ -190,7 +193,9 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     which = np.where(keys[order][pos] == pair, order[pos], keys.size)
     edge[idx] = latency[which] + nbytes / bandwidth[which]
     sender_busy = np.array([lk.sender_busy for lk in cluster.links.values()] + [cluster.link.sender_busy])
-    busy[idx] = np.where(sender_busy[which], nbytes / bandwidth[which], 0.0)
+    send_cost = np.array([lk.send_cost_s for lk in cluster.links.values()] + [cluster.link.send_cost_s])
+    busy[idx] = np.where(sender_busy[which], nbytes / bandwidth[which], 0.0) + send_cost[which]
+    edge[idx] += send_cost[which]
     return edge, transfer, busy
 
 

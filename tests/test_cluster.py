@@ -184,3 +184,12 @@ def test_sender_busy_link_moves_the_copy_from_the_edge_onto_the_sending_task() -
     assert np.allclose(b.edge_time[b.transfer], 1e-4, rtol=0, atol=1e-15)  # only the latency is in flight
     assert np.array_equal(b.edge_time[~b.transfer], a.edge_time[~a.transfer])
     assert Cluster.from_dict(busy.to_dict()) == busy
+    # a per-message send cost (measured under load) lands on the sender too, not in flight
+    costly = replace(busy, link=replace(busy.link, send_cost_s=2e-5))
+    c = task_costs(sched, net, costly, part)
+    sends = np.zeros(len(sched))
+    np.add.at(sends, sched.dep_src[c.transfer], 1)
+    assert np.allclose(c.duration, b.duration + 2e-5 * sends, rtol=0, atol=1e-15)
+    assert np.allclose(c.edge_time[c.transfer], 1e-4, rtol=0, atol=1e-15)
+    with pytest.raises(ConfigError, match="send_cost_s=-1"):
+        Link(send_cost_s=-1)
