@@ -456,33 +456,39 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
 
     A ping-pong between idle processes misses it: in a pipeline every core is busy, the
     receiver's communication thread has to be scheduled in, and a receiver that blocked (its
-    core idle) has to be woken, which on some VMs takes milliseconds. Rank 0 runs a ~0.2 ms
-    compute step ``steps`` times, rank 1 a step half as long, first without messages, then with
-    rank 0 sending a small tensor to rank 1 after every step and rank 1 receiving one before
-    every step (a 2-stage pipeline whose second stage waits). The cost is the mean extra time
-    per step of rank 0 (>= 0)."""
+    core idle) has to be woken, which on some VMs takes milliseconds. The two ranks run a
+    2-stage training pipeline in miniature: every step rank 0 computes ~0.2 ms and sends an
+    "activation"; rank 1 receives it, computes half as long and sends a "gradient" back, which
+    rank 0 receives two steps later (two samples in flight, as in 1F1B). The same steps are
+    timed without messages. Rank 0 sends one message and receives one per step: its mean extra
+    time per step is the cost of a message at both ends, charged to the sender (>= 0)."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
+    peer = 1 - rank
 
-    def compute() -> None:  # the receiver computes half as long: it waits for every message, as
-        for _ in range(8 if rank == 0 else 4):  # the stages after a pipeline's bottleneck do
+    def compute() -> None:  # rank 1 computes half as long: it waits for messages, as the
+        for _ in range(8 if rank == 0 else 4):  # stages off a pipeline's bottleneck do
             torch.mm(a, a)
 
     def timed(send: bool) -> float:
         dist.barrier()
         times, pending = [], []
-        receiving = rank == 1 and send
-        posted = [dist.irecv(torch.empty_like(msg), 0) for _ in range(min(LOOKAHEAD_RECV, steps))] if receiving else []
+        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(min(LOOKAHEAD_RECV, steps))] if send else []
+        expected = steps if rank == 1 else steps - 2  # rank 0 leaves the last two gradients behind
+        received = 0
         for i in range(steps):
             t0 = time.perf_counter_ns()
-            if receiving:
+            if send and received < expected and (rank == 1 or i >= 2):
                 posted.pop(0).wait()
-                if len(posted) + i + 1 < steps:
-                    posted.append(dist.irecv(torch.empty_like(msg), 0))
+                received += 1
+                if received + len(posted) < steps:
+                    posted.append(dist.irecv(torch.empty_like(msg), peer))
             compute()
-            if rank == 0 and send:
-                pending.append(dist.isend(msg, 1))
+            if send:
+                pending.append(dist.isend(msg, peer))
             times.append(time.perf_counter_ns() - t0)
+        for work in posted:  # the gradients rank 0 did not wait for in the loop
+            work.wait()
         for work in pending:
             work.wait()
         return float(np.mean(times[steps // 4:])) * 1e-9
@@ -490,9 +496,7 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
     for _ in range(2):  # warm-up
         timed(False)
     base, loaded = timed(False), timed(True)
-    if rank == 1:
-        return 0.0
-    return max(loaded - base, 0.0)
+    return 0.0 if rank == 1 else max(loaded - base, 0.0)
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
