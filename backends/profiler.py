@@ -12,6 +12,11 @@ one JSON file (``Profile.save``) that ``--network`` and ``--cluster`` both accep
 Timing: warm-up runs, then the median of ``repeats`` runs (robust to the odd descheduled run);
 ``time.perf_counter_ns`` on CPU, CUDA events on a GPU. On CPU the layers are timed with one
 torch thread by default, because the backend runs each stage as one single-threaded process.
+Calibration then replaces these with what real backend runs spend (``calibrate``): means, not
+medians, because a throughput pays every slow task. On CPU the profile also measures what a
+pipeline adds to isolated timings: the slowdown of workers computing at once
+(``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's mean,
+and the cost of a message to its sender while both ends compute (``Link.send_cost_s``).
 """
 
 from __future__ import annotations

@@ -163,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure a network's layers and the links on this machine for the simulator",
                        description="Measure per-layer forward, BI, BW and optimizer times and activation sizes "
-                                   "(one sample, warm-up, medians), and the link latency/bandwidth between the "
-                                   "pipeline's processes (or threads) and host<->device; write one JSON file that "
-                                   "simulate takes as both --network and --cluster.")
+                                   "(one sample, warm-up, calibrated on real backend runs: per-task overheads, "
+                                   "jitter, the slowdown of workers computing at once), and the links between the "
+                                   "pipeline's processes (or threads) and host<->device (latency, bandwidth, barrier, "
+                                   "send cost under load); write one JSON file that simulate takes as both --network "
+                                   "and --cluster.")
     p.add_argument("--network", required=True, help="catalogue name (see 'partime-sim networks') or module.py:factory")
     p.add_argument("--device", required=True,
                    help="cpu, cuda or cuda:N; comma-separate several (cpu alone measures two CPU processes)")
