@@ -48,6 +48,32 @@ def _threads_per_process(local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks up to 32 MiB in the heap instead of unmapping them.
+
+    Every message a worker receives lands in a fresh tensor; glibc serves blocks above its
+    mmap threshold with mmap and returns them with munmap, so each received activation
+    page-faults its memory in again (1 MB: ~0.2 ms, the whole gap between this transport and a
+    raw send/recv into a reused buffer). Kept in the heap, the next message reuses the pages.
+    Returns whether it applied (False off glibc: nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES))
+
+
 def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | None,
                    local_world: int) -> list[list[dict]] | None:
     """Run one rank of each job in turn, in one process group made here; rank 0 returns every
@@ -56,6 +82,8 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
 
     torch.set_num_threads(jobs[0].threads or _threads_per_process(local_world))
     device = torch.device(jobs[0].devices[rank])
+    if device.type == "cpu":
+        keep_freed_memory()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -150,9 +150,11 @@ def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
     two alternating buffers (reused) or a fresh ``torch.empty`` per message (as the transport);
     transport = ``DistributedTransport.send``/``recv``. A one-way stream (rank 0 sends ``reps``
     tensors back to back; time per tensor) is timed per block for raw and transport."""
+    from partime_sim.backends.launch import keep_freed_memory
     from partime_sim.backends.transport import DistributedTransport
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as every backend worker process does
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     peer, clock = 1 - rank, time.perf_counter_ns
     res = {}

@@ -216,7 +216,9 @@ def test_ctrl_c_stops_every_process(transport: str) -> None:
 
     cmd = [sys.executable, "-m", "partime_sim.cli", "run", "--network", "mlp", "--schedule", "partime",
            "--devices", "cpu,cpu", "--samples", "100000", "--transport", transport]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # as from a terminal: SIGINT handled (a test run launched in the background inherits it ignored)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)  # past start-up: the workers are running
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
@@ -240,3 +242,12 @@ def test_cli_run_takes_a_factory_and_any_catalogue_network(capsys, tmp_path) -> 
     assert row["samples"] == 6 and "final_loss" not in row and sum(row["partition"]) == 30
     assert main(["run", "--network", f"{factory}:build", "--schedule", "1f1b", "--devices", "cpu,cpu"]) == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_workers_keep_freed_receive_buffers_on_glibc() -> None:
+    import platform
+
+    from partime_sim.backends.launch import keep_freed_memory
+
+    # applied (mallopt accepted both settings) exactly where the C library is glibc
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
