@@ -310,9 +310,49 @@ def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int,
         x, y = _calibration_stream(model, input_shape, samples)
         start.wait(timeout=LINK_TIMEOUT_S)
         mean, _ = _backend_task_stats([model], x, y, "cpu", dtype, mode, threads)
-        out.put(("ok", float(mean.sum())))
+        out.put(("ok", float(mean.sum())))  # one report per process
     except BaseException as exc:
         out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports: int, what: str, hint: str,
+                     timeout_s: float = LINK_TIMEOUT_S) -> list[Any]:
+    """Start one spawned process per ``args`` entry (``target(*entry, out)``) and collect
+    ``reports`` ``("ok", value)`` messages from their queue. A process that reports
+    ``("error", text)``, dies without reporting, or is still busy at ``timeout_s`` stops the
+    measurement at once with a ``PartimeError`` naming ``what`` and ending with ``hint``; every
+    process is reaped (killed if need be) either way."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*entry, out), daemon=True) for entry in args]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    values: list[Any] = []
+    try:
+        while len(values) < reports:
+            try:
+                status, value = out.get(timeout=0.2)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise PartimeError(f"{what} process {dead[0][0]} exited with code {dead[0][1]} before "
+                                       f"reporting; {hint}") from None
+                if time.monotonic() > deadline:
+                    raise PartimeError(f"{what} did not finish in {timeout_s:g} s; {hint}") from None
+                continue
+            if status == "error":
+                raise PartimeError(f"{what} failed ({value}); {hint}")
+            values.append(value)
+        return values
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        out.close()
 
 
 def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
@@ -344,32 +384,9 @@ def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, d
         for w in workers:
             w.join()
     else:
-        ctx = mp.get_context("spawn")
-        out, gate = ctx.Queue(), ctx.Barrier(count)
-        args = (spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, gate, out)
-        procs = [ctx.Process(target=_concurrent_worker, args=args, daemon=True) for _ in range(count)]
-        for p in procs:
-            p.start()
-        try:
-            sums, deadline = [], time.monotonic() + LINK_TIMEOUT_S
-            while len(sums) < count:
-                try:
-                    status, value = out.get(timeout=0.2)
-                except queue.Empty:
-                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                    if dead or time.monotonic() > deadline:
-                        raise PartimeError("the concurrency measurement " + (
-                            f"lost a worker (exit code {dead[0]})" if dead else
-                            f"did not finish in {LINK_TIMEOUT_S:g} s") + "; run again") from None
-                    continue
-                if status == "error":
-                    raise PartimeError(f"a concurrency-measurement worker failed: {value}")
-                sums.append(value)
-        finally:
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
+        gate = mp.get_context("spawn").Barrier(count)
+        args = (spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, gate)
+        sums = _spawned_reports(_concurrent_worker, [args] * count, count, "the concurrency measurement", "run again")
     return max(1.0, float(np.mean(sums)) / alone) if alone > 0 else 1.0
 
 
@@ -419,7 +436,8 @@ class LinkProfile:
 
 def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
-    round trip / 2), then times ``dist.barrier``; rank 0 reports ``("ok", points, barrier_s)``."""
+    round trip / 2), times ``dist.barrier`` and the send cost under load; rank 0 reports
+    ``("ok", (points, barrier_s, send_cost_s))``."""
     import torch.distributed as dist
 
     try:
@@ -451,9 +469,10 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
         send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", points, float(np.mean(barrier)), send_cost))  # a lockstep run pays every barrier: the mean
+            out.put(("ok", (points, float(np.mean(barrier)), send_cost)))  # a lockstep run pays every barrier: the mean
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
-        out.put(("error", rank, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
 
 
 def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
@@ -511,39 +530,11 @@ def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    hint = "check that loopback TCP works (GLOO_SOCKET_IFNAME), or use --transport local"
     port = free_port()
-    procs = [ctx.Process(target=_link_worker, args=(r, port, list(sizes), warmup, repeats, out), daemon=True)
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                msg = out.get(timeout=0.2)
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise PartimeError(f"link worker rank {dead[0][0]} exited with code {dead[0][1]} before "
-                                       "reporting; run again, or use --transport local") from None
-                if time.monotonic() > deadline:
-                    raise PartimeError(f"link measurement did not finish in {timeout_s:g} s (gloo on 127.0.0.1); "
-                                       "check that loopback TCP works, or use --transport local") from None
-                continue
-            if msg[0] == "error":
-                raise PartimeError(f"link worker rank {msg[1]} failed: {msg[2]}; check that loopback TCP "
-                                   "works (GLOO_SOCKET_IFNAME), or use --transport local")
-            return msg[1], msg[2], msg[3]
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        out.close()
+    args = [(r, port, list(sizes), warmup, repeats) for r in range(2)]
+    (report,) = _spawned_reports(_link_worker, args, 1, "the gloo link measurement", hint, timeout_s)
+    return report
 
 
 def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:

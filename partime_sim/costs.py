@@ -79,9 +79,8 @@ def task_costs(
     mb = _microbatch_size(schedule)
     duration = _durations(schedule, network, cluster, partition, mb)
     edge_time, transfer, busy = _edges(schedule, network, cluster, partition, mb)
-    if busy.any():  # the copy part of a send occupies the sender: it moves from the edge to the task
+    if busy.any():  # what a send costs its sender lengthens the sending task
         np.add.at(duration, schedule.dep_src, busy)
-        edge_time -= busy
     rng = _rng(seed, "durations")
     if jitter > 0:  # lognormal with mean 1 and coefficient of variation `jitter`
         sigma = math.sqrt(math.log1p(jitter * jitter))
@@ -152,10 +151,10 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
 
 def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Partition,
            mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Transfer seconds per dependency (F sends the stage's output, B/BI its input gradient),
-    whether it crosses devices, and the part of it that keeps the sender busy: the link's
-    ``send_cost_s``, plus bytes / bandwidth on ``sender_busy`` links. (The send cost is added to
-    the edge so that, once moved onto the sending task, the receiver sees the same delay.)"""
+    """Per dependency (F sends the stage's output, B/BI its input gradient): seconds in flight,
+    whether it crosses devices, and seconds it keeps the sending device busy (the link's
+    ``send_cost_s``, plus bytes / bandwidth on ``sender_busy`` links, whose copy is then not
+    in flight)."""
     src = schedule.dep_src
     device = schedule.device.astype(np.int16) if cluster.num_devices < 2**15 else schedule.device  # halves the gathers
     dev_src, dev_dst = device[src], device[schedule.dep_dst]
@@ -176,11 +175,10 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     s = src[idx]
     nbytes = sent[np.where(schedule.stage[s] < 0, S, schedule.stage[s]), schedule.kind[s]] * mb
     if not cluster.links:
-        edge[idx] = cluster.link.latency_s + nbytes / cluster.link.bandwidth_Bps  # x / inf == 0
-        if cluster.link.sender_busy:
-            busy[idx] = nbytes / cluster.link.bandwidth_Bps
-        busy[idx] += cluster.link.send_cost_s
-        edge[idx] += cluster.link.send_cost_s
+        link = cluster.link
+        copy = nbytes / link.bandwidth_Bps  # x / inf == 0
+        edge[idx] = link.latency_s + (0.0 if link.sender_busy else copy)
+        busy[idx] = link.send_cost_s + (copy if link.sender_busy else 0.0)
         return edge, transfer, busy
     # per-pair overrides: look every pair up in a sorted table of link keys (default last)
     D = cluster.num_devices
@@ -191,11 +189,11 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     pair = dev_src[idx].astype(np.int64) * D + dev_dst[idx]
     pos = np.minimum(np.searchsorted(keys[order], pair), keys.size - 1)
     which = np.where(keys[order][pos] == pair, order[pos], keys.size)
-    edge[idx] = latency[which] + nbytes / bandwidth[which]
     sender_busy = np.array([lk.sender_busy for lk in cluster.links.values()] + [cluster.link.sender_busy])
     send_cost = np.array([lk.send_cost_s for lk in cluster.links.values()] + [cluster.link.send_cost_s])
-    busy[idx] = np.where(sender_busy[which], nbytes / bandwidth[which], 0.0) + send_cost[which]
-    edge[idx] += send_cost[which]
+    copy, on_sender = nbytes / bandwidth[which], sender_busy[which]
+    edge[idx] = latency[which] + np.where(on_sender, 0.0, copy)
+    busy[idx] = send_cost[which] + np.where(on_sender, copy, 0.0)
     return edge, transfer, busy
 
 
