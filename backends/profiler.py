@@ -269,10 +269,10 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     layer its own stage (L tasks of each kind per sample), one with the whole model as one stage
     (1 task). Per kind (forward, backward, optimizer step) the per-task overhead is the excess of
     the first over the second, divided by L - 1; a layer's cost is its own mean task time less
-    that overhead. BI and BW keep the ratio the direct timing gave them. Returns the network with
-    these costs (``class_costs`` too), the (forward, backward, step) overhead for
-    ``Device.task_overhead_s``, and the whole-model run's coefficient of variation of task times
-    (the jitter a prediction should draw with)."""
+    that overhead (its direct timing where that leaves nothing). BI and BW keep the ratio the
+    direct timing gave them. Returns the network with these costs (``class_costs`` too), the
+    (forward, backward, step) overhead for ``Device.task_overhead_s``, and the whole-model run's
+    coefficient of variation of task times (the jitter a prediction should draw with)."""
     L = network.num_layers
     x, y = _calibration_stream(model, input_shape, samples)
     children = list(model.children())
@@ -286,7 +286,10 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     whole, jitter = task_means(1)
     whole = whole[0]
     overhead = np.maximum((per_layer.sum(axis=0) - whole) / (L - 1), 0.0) if L > 1 else np.zeros(3)
-    cost = np.maximum(per_layer - overhead, 0.0)
+    cost = per_layer - overhead
+    # a layer cheaper than the (noisy) overhead estimate keeps its direct timing, not 0
+    direct = np.array([(lay.fwd, lay.bwd_input + lay.bwd_weight, lay.opt) for lay in network.layers])
+    cost = np.where((per_layer > 0) & (cost <= 0), direct, np.maximum(cost, 0.0))
     layers, rows = [], []
     for k, layer in enumerate(network.layers):
         split = layer.bwd_input / (layer.bwd_input + layer.bwd_weight) if layer.bwd_input + layer.bwd_weight else 1.0
