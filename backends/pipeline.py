@@ -135,6 +135,7 @@ class Job:
     threads: int | None = None  # torch threads per worker process (distributed); None: cores / workers
     waves: tuple[int, int] = (0, 2**62)  # run the tasks of these waves [lo, hi): a checkpoint cuts at hi
     resume: list[dict[str, Any]] | None = None  # per-rank states captured at wave lo
+    cuda_graphs: bool = False  # inference forwards replayed from one CUDA graph per stage
 
     def incoming(self, rank: int) -> dict[int, list[tuple[int, tuple[int, ...]]]]:
         """The messages rank receives in this job's waves (sent by tasks of those waves)."""
@@ -192,6 +193,7 @@ class _Worker(_Run):
         self.received: set[int] = set()
         self.checkpoint: dict[str, Any] | None = None
         self.pinned: torch.Tensor | None = None
+        self.graphs: dict[int, _GraphedForward] | None = {} if job.cuda_graphs else None
         if device.type == "cuda" and wp.worker_of_stage[0] == rank:  # inputs copied from pinned memory
             self.pinned = torch.as_tensor(np.asarray(job.x), dtype=job.dtype).pin_memory()
         if job.resume is not None:
@@ -225,6 +227,14 @@ class _Worker(_Run):
             from partime_sim.backends.checkpoint import capture
 
             self.checkpoint = capture(self, self.cut)
+
+    def _call(self, st: Any, inp: torch.Tensor, m: int, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        if self.graphs is None:
+            return super()._call(st, inp, m, weights)
+        if st.k not in self.graphs:  # captured at the stage's first forward, on its first input
+            super()._call(st, inp, m, weights)  # shape errors surface here, eagerly, as without graphs
+            self.graphs[st.k] = _GraphedForward(st.module, inp)
+        return self.graphs[st.k](inp)
 
     def _sample_input(self, m: int) -> torch.Tensor:
         if self.pinned is None:
@@ -264,6 +274,33 @@ class _Worker(_Run):
         }
 
 
+class _GraphedForward:
+    """A stage's inference forward captured once as a CUDA graph and replayed for every sample,
+    as PARTIME runs its per-tick step: one graph launch instead of a kernel launch per layer,
+    which is what bounds a batch-1 stream on a GPU. The input is copied into the graph's static
+    buffer and the output copied out (the next replay overwrites it). Captured in thread-local
+    mode, so the other stages' threads on the same GPU keep running during the capture."""
+
+    def __init__(self, module: nn.Module, example: torch.Tensor, warmup: int = 3) -> None:
+        self.static_in = example.detach().clone()
+        here = torch.cuda.current_stream(example.device)
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(here)
+        with torch.no_grad():
+            with torch.cuda.stream(side):  # libraries pick and allocate their kernels outside the capture
+                for _ in range(warmup):
+                    module(self.static_in)
+            here.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_out = module(self.static_in)
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(inp)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
 def run_worker(job: Job, rank: int, transport: Any, origin_ns: int | None = None) -> dict[str, Any]:
     """Run worker ``rank`` of ``job`` to the end; its ``part`` of the result."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -293,7 +330,7 @@ class RunResult(EmulationResult):
 def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *, devices: str | Sequence[str],
              loss: str | None = None, optimizer: OptimizerSpec | None = None, dtype: Any = "float32",
              stash_weights: bool = True, compensation: str = "none", keep_outputs: bool = False,
-             threads: int | None = None) -> Job:
+             threads: int | None = None, cuda_graphs: bool = False) -> Job:
     """Check the inputs (with the reference emulator's checks and messages) and plan the workers."""
     from partime_sim.models import check_stage_shapes
 
@@ -325,7 +362,21 @@ def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *,
                           f"lists {len(devs)}; give one device per pipeline device (repeat 'cpu' or a GPU as needed)")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r} is invalid; give an integer >= 1 (torch threads per worker process)")
-    return Job(schedule, cast, x[:N], y_np, loss, spec, dtype, stash_weights, plan, devs, wp, keep_outputs, threads)
+    if cuda_graphs:
+        _check_cuda_graphs(schedule, devs)
+    return Job(schedule, cast, x[:N], y_np, loss, spec, dtype, stash_weights, plan, devs, wp, keep_outputs, threads,
+               cuda_graphs=bool(cuda_graphs))
+
+
+def _check_cuda_graphs(schedule: Schedule, devices: Sequence[str]) -> None:
+    if schedule.mode != "infer":
+        raise ConfigError(f"cuda_graphs captures inference forwards only, but schedule {schedule.name!r} trains: "
+                          "use --mode infer, or drop --cuda-graphs (a training forward builds its autograd graph "
+                          "on a new weight version after every update, which a captured graph cannot replay)")
+    cpus = [d for d in devices if not d.startswith("cuda")]
+    if cpus:
+        raise ConfigError(f"cuda_graphs needs CUDA devices, but devices={list(devices)} lists {cpus[0]!r}; "
+                          "run on cuda:N devices or drop --cuda-graphs")
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -339,7 +390,7 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
                  optimizer: OptimizerSpec | None = None, dtype: Any = "float32", stash_weights: bool = True,
                  compensation: str = "none", keep_outputs: bool = False, threads: int | None = None,
                  checkpoint_at: int | None = None, checkpoint: str | None = None,
-                 resume: str | None = None) -> RunResult | None:
+                 resume: str | None = None, cuda_graphs: bool = False) -> RunResult | None:
     """Execute ``schedule`` on ``stages`` over the stream ``(x, y)`` on real devices.
 
     ``devices`` gives one torch device per device the schedule uses (``"cpu,cpu"``,
@@ -347,7 +398,8 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
     ``transport`` is ``local`` (threads of this process) or ``distributed`` (one spawned
     process per device, gloo on CPU, NCCL on GPU). The arguments mean what they mean for
     ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order;
-    ``threads`` sets each distributed worker's torch threads (default: cores / workers).
+    ``threads`` sets each distributed worker's torch threads (default: cores / workers);
+    ``cuda_graphs`` (inference on GPUs) replays each stage's forward from a captured CUDA graph.
 
     Checkpointing: with ``checkpoint_at=W`` and ``checkpoint=PATH`` the run stops once every
     task of a wave < W (``schedule.wave``) is done, writes every worker's state to PATH and
@@ -365,7 +417,7 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
         raise ConfigError("checkpoint_at= and checkpoint= go together: the wave to stop at and the file to write")
     job = make_job(schedule, stages, x, y, devices=devices, loss=loss, optimizer=optimizer, dtype=dtype,
                    stash_weights=stash_weights, compensation=compensation, keep_outputs=keep_outputs,
-                   threads=threads)
+                   threads=threads, cuda_graphs=cuda_graphs)
     if checkpoint_at is not None:
         last = int(schedule.wave.max())
         if isinstance(checkpoint_at, bool) or not isinstance(checkpoint_at, int) or not 0 < checkpoint_at <= last:

@@ -32,6 +32,7 @@ class RunConfig:
     compensation: str = "none"
     input_shape: tuple[int, ...] | None = None
     threads: int | None = None
+    cuda_graphs: bool = False  # inference on GPUs: each stage's forward replayed from a CUDA graph
 
 
 def prepare(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
@@ -62,10 +63,11 @@ def prepare(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
     stream = make_stream(stream_name, cfg.samples, resolved.input_shape, outputs, cfg.seed)
     spec = OptimizerSpec(cfg.optimizer, lr=cfg.lr)
     job = make_job(schedule, stages, stream.x, stream.y, devices=devices, optimizer=spec, dtype=cfg.dtype,
-                   compensation=cfg.compensation, keep_outputs=cfg.mode == "infer", threads=cfg.threads)
+                   compensation=cfg.compensation, keep_outputs=cfg.mode == "infer", threads=cfg.threads,
+                   cuda_graphs=cfg.cuda_graphs)
     head = {"network": network.name, "schedule": cfg.schedule, "mode": cfg.mode, "devices": len(devices),
             "stages": schedule.num_stages, "partition": list(partition.sizes), "transport": cfg.transport,
-            "device_list": devices, "stream": stream_name, "dtype": cfg.dtype}
+            "device_list": devices, "stream": stream_name, "dtype": cfg.dtype, "cuda_graphs": cfg.cuda_graphs}
     return job, head
 
 

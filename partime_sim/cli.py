@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_shape, default=None, help="one sample's shape, e.g. 3x32x32 (factories)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads per worker process (distributed) [cores / processes]")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="inference on GPUs: replay each stage's forward from a captured CUDA graph")
     p.add_argument("--trace", type=_trace_path, default=None, help="write the measured trace (.json Perfetto, .csv)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
@@ -371,7 +373,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = RunConfig(args.network, args.schedule, args.devices, transport=args.transport, samples=args.samples,
                     mode=args.mode, stream=args.stream, optimizer=args.optimizer, lr=lr, seed=args.seed,
                     dtype=args.dtype, partition=args.partition, microbatches=args.microbatches,
-                    compensation=args.compensation, input_shape=args.input_shape, threads=args.threads)
+                    compensation=args.compensation, input_shape=args.input_shape, threads=args.threads,
+                    cuda_graphs=args.cuda_graphs)
     row, result = run_config(cfg)
     if row is None:  # a torchrun rank other than 0: rank 0 reports
         return 0

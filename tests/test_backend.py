@@ -135,6 +135,20 @@ def test_bad_devices_are_refused() -> None:
             run_pipeline(sched, stages, STREAM.x, STREAM.y, devices="cuda:0,cuda:1")
 
 
+def test_cuda_graphs_are_refused_for_training_and_on_cpus(capsys) -> None:
+    sched, stages, _ = _case("partime", 2)
+    with pytest.raises(ConfigError, match="inference forwards only.*'partime' trains"):
+        make_job(sched, stages, STREAM.x, STREAM.y, devices="cpu,cpu", cuda_graphs=True)
+    infer, stages, _ = _case("partime", 2, "infer")
+    with pytest.raises(ConfigError, match="needs CUDA devices.*'cpu'"):
+        make_job(infer, stages, STREAM.x, STREAM.y, devices="cpu,cpu", cuda_graphs=True)
+    assert not make_job(infer, stages, STREAM.x, STREAM.y, devices="cpu,cpu").cuda_graphs
+    assert main(["run", "--network", "mlp", "--schedule", "partime", "--devices", "cpu,cpu", "--mode", "infer",
+                 "--samples", "8", "--cuda-graphs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("partime-sim: error:") and "--cuda-graphs" in err and err.count("\n") == 1
+
+
 FLAGS = ["--network", "mlp", "--schedule", "partime", "--samples", "120", "--dtype", "float64", "--optimizer", "adam"]
 
 

@@ -1,5 +1,6 @@
 """The torch backend on CUDA (skipped without a GPU): runs on one GPU repeated and on two GPUs,
-agree with the CPU reference to rounding (float64), CUDA-event traces are ordered."""
+agree with the CPU reference to rounding (float64), CUDA-event traces are ordered, and CUDA-graph
+inference gives the eager outputs."""
 
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def test_inference_outputs_on_gpu() -> None:
     with torch.no_grad():
         expected = whole(torch.as_tensor(stream.x[:N]))
     np.testing.assert_allclose(got.outputs, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,devices", [("sequential", "cuda:0"), ("partime", "cuda:0,cuda:0,cuda:0")])
+def test_cuda_graph_inference_gives_the_eager_outputs(name: str, devices: str) -> None:
+    S = len(devices.split(","))
+    stream = make_stream("shapes", N, (3, 32, 32), 10, 0)
+    sched = generate(name, S, N, "infer")
+    stages = split_stages(build_torch_model("lenet", 0), even_partition(7, S))
+    runs = [run_pipeline(sched, stages, stream.x, stream.y, devices=devices, keep_outputs=True, cuda_graphs=graphs)
+            for graphs in (False, True)]
+    eager, graphed = (r.outputs for r in runs)
+    assert graphed.shape == (N, 10)
+    np.testing.assert_allclose(graphed, eager, rtol=1e-6, atol=1e-7)  # the same kernels, replayed
+    np.testing.assert_allclose(runs[1].loss, runs[0].loss, rtol=1e-6)
+    assert len(runs[1].trace) == len(sched)
