@@ -149,6 +149,33 @@ def test_cuda_graphs_are_refused_for_training_and_on_cpus(capsys) -> None:
     assert err.startswith("partime-sim: error:") and "--cuda-graphs" in err and err.count("\n") == 1
 
 
+def test_cuda_graph_wiring_captures_once_per_stage_and_replays_every_forward(monkeypatch) -> None:
+    """The worker's side of --cuda-graphs, on CPU: a stand-in for the captured graph (which needs
+    CUDA) records that each stage is captured once, on its first input, and serves every forward."""
+    import dataclasses
+
+    import partime_sim.backends.pipeline as pipeline
+
+    made = []
+
+    class Recorder:
+        def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+            self.module, self.shape, self.calls = module, tuple(example.shape), 0
+            made.append(self)
+
+        def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.module(inp)
+
+    monkeypatch.setattr(pipeline, "_GraphedForward", Recorder)
+    sched, stages, devices = _case("partime", 2, "infer")
+    job = make_job(sched, stages, STREAM.x, STREAM.y, devices=devices, keep_outputs=True)
+    got = assemble(job, pipeline.run_local(dataclasses.replace(job, cuda_graphs=True)), 0.0, "local")
+    eager = run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, keep_outputs=True)
+    assert sorted((r.calls, r.shape) for r in made) == [(N, (1, 32)), (N, (1, 64))]
+    assert np.array_equal(got.outputs, eager.outputs) and np.array_equal(got.loss, eager.loss)
+
+
 FLAGS = ["--network", "mlp", "--schedule", "partime", "--samples", "120", "--dtype", "float64", "--optimizer", "adam"]
 
 
