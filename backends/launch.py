@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from partime_sim.backends.transport import DistributedTransport
 
 KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SIGKILL
 INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
+CLOCK_SYNC_ROUNDS = 16  # timestamp ping-pongs per rank; the shortest round trip is kept
 
 
 def free_port() -> int:
@@ -93,15 +95,53 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     try:
         gathered = []
         for job in jobs:
+            # before the transport posts its receives, which would take the sync's messages
+            origin = common_origin_ns(rank, world) if device.type == "cpu" else time.perf_counter_ns()
             transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank))
             dist.barrier()
-            part = run_worker(job, rank, transport, time.perf_counter_ns())
+            part = run_worker(job, rank, transport, origin)
             parts = [None] * world if rank == 0 else None
             dist.gather_object(part, parts, dst=0)
             gathered.append(parts)
         return gathered if rank == 0 else None
     finally:
         dist.destroy_process_group()
+
+
+def common_origin_ns(rank: int, world: int, rounds: int = CLOCK_SYNC_ROUNDS,
+                     clock: Callable[[], int] = time.perf_counter_ns) -> int:
+    """One instant, as each rank's own ``perf_counter_ns`` reads it, so that every worker's
+    task times share one axis (a cross-worker dependency then never looks like it ran backwards).
+
+    Taking ``perf_counter_ns()`` after a barrier is not enough: ranks leave a barrier up to
+    milliseconds apart on a loaded machine, and clocks of different nodes have different zeros.
+    Rank 0 ping-pongs timestamps with each rank; the round with the shortest round trip gives
+    that rank's clock offset to within half of it (a few tens of microseconds over loopback).
+    CPU (gloo) only: on a GPU the worker times with CUDA events from its own origin. ``clock``
+    is this rank's clock (a test shifts one rank's to check the offset)."""
+    import torch.distributed as dist
+
+    buf = torch.zeros(1, dtype=torch.int64)
+    if rank == 0:
+        origin = clock()
+        for peer in range(1, world):
+            best_rtt, offset = None, 0
+            for _ in range(rounds):
+                t0 = clock()
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+                t1 = clock()
+                if best_rtt is None or t1 - t0 < best_rtt:
+                    best_rtt, offset = t1 - t0, int(buf.item()) - (t0 + t1) // 2
+            buf.fill_(origin + offset)
+            dist.send(buf, peer)
+        return origin
+    for _ in range(rounds):
+        dist.recv(buf, 0)
+        buf.fill_(clock())
+        dist.send(buf, 0)
+    dist.recv(buf, 0)
+    return int(buf.item())
 
 
 def _spawned_main(rank: int, world: int, port: int, job_path: str, out_dir: str) -> None:

@@ -92,15 +92,41 @@ def test_inference_processes_every_sample_once_in_order(transport: str) -> None:
     assert summarize(got.trace)["samples"] == N
 
 
-def test_measured_trace_has_every_task_with_ordered_times() -> None:
+@pytest.mark.parametrize("transport", ["local", "distributed"])
+def test_measured_trace_has_every_task_with_ordered_times(transport: str) -> None:
     sched, stages, devices = _case("1f1b", 2)
-    got = run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices)
+    got = run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, transport=transport)
     tr = got.trace
     assert len(tr) == len(sched) and set(tr["source"]) == {"measured"}
     assert (tr["end"] >= tr["start"]).all() and tr["start"].min() >= 0
     for dev, rows in tr.groupby("device"):  # one worker runs its tasks one after another
         s, e = rows["start"].to_numpy(), rows["end"].to_numpy()
         assert np.all(s[1:] >= e[:-1] - 1e-9), dev
+
+
+_SYNC_RANK = """
+import sys, time, torch.distributed as dist
+from partime_sim.backends.launch import common_origin_ns
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+skew = 10**9 if rank else 0  # rank 1's clock reads one second ahead
+print(common_origin_ns(rank, 2, clock=lambda: time.perf_counter_ns() + skew) - skew)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_agree_on_one_origin_whatever_their_clocks_read() -> None:
+    """Rank 1's clock is one second ahead: the origin it is given must be one second later in its
+    own clock, i.e. the same instant (both processes share this host's monotonic clock)."""
+    from partime_sim.backends.launch import free_port
+
+    port = str(free_port())
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SYNC_RANK, str(r), port], stdout=subprocess.PIPE, text=True,
+                              env=env) for r in range(2)]
+    origins = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert abs(origins[1] - origins[0]) < 500_000, origins  # within 0.5 ms (a loopback round trip or two)
 
 
 def _failing_stages(how: str):
