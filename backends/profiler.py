@@ -54,8 +54,11 @@ TRANSPORTS = ("distributed", "local")
 LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
 LOADED_STEPS = 600  # compute steps of ~0.2 ms each for the send cost under load
+SEND_COST_PAIRS = 5  # (with, without messages) timings of the send cost; the median difference counts
 LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
+BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
+CALIBRATION_SAMPLES = 120  # per calibration run (the first quarter is warm-up); 40 left the costs noisy
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
 
@@ -259,7 +262,7 @@ def _calibration_stream(model: nn.Sequential, input_shape: Sequence[int], sample
 
 
 def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int], device: str = "cpu",
-              dtype: Any = "float32", mode: str = "train", *, samples: int = 40,
+              dtype: Any = "float32", mode: str = "train", *, samples: int = CALIBRATION_SAMPLES,
               threads: int | None = None) -> tuple[Network, tuple[float, float, float], float]:
     """Layer costs and per-task overheads as the backend itself spends them.
 
@@ -360,7 +363,7 @@ def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports
 
 def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
                          input_shape: tuple[int, ...] | None = None, mode: str = "train", *,
-                         samples: int = 40, threads: int | None = None) -> float:
+                         samples: int = CALIBRATION_SAMPLES, threads: int | None = None) -> float:
     """How much longer a CPU task takes when ``count`` pipeline workers compute at once.
 
     The whole model runs alone, then ``count`` copies run at the same moment as the pipeline's
@@ -472,7 +475,8 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
         send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", (points, float(np.mean(barrier)), send_cost)))  # a lockstep run pays every barrier: the mean
+            blocks = np.array_split(np.array(barrier), BARRIER_BLOCKS)
+            out.put(("ok", (points, float(np.median([b.mean() for b in blocks])), send_cost)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
@@ -488,7 +492,8 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
     "activation"; rank 1 receives it, computes half as long and sends a "gradient" back, which
     rank 0 receives two steps later (two samples in flight, as in 1F1B). The same steps are
     timed without messages. Rank 0 sends one message and receives one per step: its mean extra
-    time per step is the cost of a message at both ends, charged to the sender (>= 0)."""
+    time per step (median over ``SEND_COST_PAIRS`` alternating pairs of timings) is the cost of a
+    message at both ends, charged to the sender (>= 0)."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
     peer = 1 - rank
@@ -522,8 +527,10 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
 
     for _ in range(2):  # warm-up
         timed(False)
-    base, loaded = timed(False), timed(True)
-    return 0.0 if rank == 1 else max(loaded - base, 0.0)
+    # one pair is at the mercy of a slow phase of the machine (it moved this cost 0.09..0.41 ms
+    # between profiles): alternate the two, several pairs, and keep the median difference
+    extra = [timed(True) - timed(False) for _ in range(SEND_COST_PAIRS)]
+    return 0.0 if rank == 1 else max(float(np.median(extra)), 0.0)
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
