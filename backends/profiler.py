@@ -15,7 +15,7 @@ torch thread by default, because the backend runs each stage as one single-threa
 Calibration then replaces these with what real backend runs spend (``calibrate``): means, not
 medians, because a throughput pays every slow task. On CPU the profile also measures what a
 pipeline adds to isolated timings: the slowdown of workers computing at once
-(``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's mean,
+(``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's cost,
 and the cost of a message to its sender while both ends compute (``Link.send_cost_s``).
 """
 
