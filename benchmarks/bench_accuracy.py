@@ -53,6 +53,11 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[f
     return out
 
 
+def _cell(values: np.ndarray) -> str:
+    """The median, then every round's value."""
+    return f"{np.median(values):,.0f}; " + ", ".join(f"{x:,.0f}" for x in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
@@ -72,11 +77,8 @@ def main() -> None:
           "| measured samples/s (median; rounds) | error of medians |")
     print("|---|---|---|---|---|---|---|")
     for j, cfg in enumerate(spec["configs"]):
-        def cell(v: np.ndarray) -> str:
-            return f"{np.median(v):,.0f}; " + ", ".join(f"{x:,.0f}" for x in v)
-
-        print(f"| {cfg['network']} | {cfg['schedule']} | {cfg['devices']} | {cfg['mode']} | {cell(pred[:, j])} | "
-              f"{cell(meas[:, j])} | {100 * err[j]:+.1f}% |")
+        print(f"| {cfg['network']} | {cfg['schedule']} | {cfg['devices']} | {cfg['mode']} | {_cell(pred[:, j])} | "
+              f"{_cell(meas[:, j])} | {100 * err[j]:+.1f}% |")
     per_round = 100 * np.mean(np.abs(pred / meas - 1), axis=1)
     print(f"\nMean absolute percentage error of predicted throughput (medians over {repeats} round(s)): "
           f"**{100 * np.mean(np.abs(err)):.1f}%** over {len(err)} configurations (goal <= 5%); "
