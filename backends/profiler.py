@@ -58,6 +58,7 @@ SEND_COST_PAIRS = 5  # (with, without messages) timings of the send cost; the me
 LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
+CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # per calibration run (the first quarter is warm-up); 40 left the costs noisy
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
@@ -307,16 +308,24 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
 
 
 def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, samples: int,
-                       threads: int | None, start: Any, out: Any) -> None:
-    """One of N processes running the whole model at the same time; reports its task-time sum."""
+                       threads: int | None, rounds: int, rank: int, gate: Any, out: Any) -> None:
+    """One of N processes running the whole model at the same time, ``rounds`` times; before each
+    time rank 0 runs it alone while the others wait. Reports (rank, times alone, times together):
+    per-sample task-time sums."""
     from partime_sim.torch_networks import resolve_model
 
     try:
         model = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).model
         x, y = _calibration_stream(model, input_shape, samples)
-        start.wait(timeout=LINK_TIMEOUT_S)
-        mean, _ = _backend_task_stats([model], x, y, "cpu", dtype, mode, threads)
-        out.put(("ok", float(mean.sum())))  # one report per process
+        task_sum = lambda: float(_backend_task_stats([model], x, y, "cpu", dtype, mode, threads)[0].sum())
+        alone, together = [], []
+        for _ in range(rounds):
+            gate.wait(timeout=LINK_TIMEOUT_S)
+            if rank == 0:
+                alone.append(task_sum())
+            gate.wait(timeout=LINK_TIMEOUT_S)
+            together.append(task_sum())
+        out.put(("ok", (rank, alone, together)))  # one report per process
     except BaseException as exc:
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -363,37 +372,50 @@ def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports
 
 def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
                          input_shape: tuple[int, ...] | None = None, mode: str = "train", *,
-                         samples: int = CALIBRATION_SAMPLES, threads: int | None = None) -> float:
+                         samples: int = CALIBRATION_SAMPLES, threads: int | None = None,
+                         rounds: int = CONCURRENCY_ROUNDS) -> float:
     """How much longer a CPU task takes when ``count`` pipeline workers compute at once.
 
     The whole model runs alone, then ``count`` copies run at the same moment as the pipeline's
     workers would: processes for the ``distributed`` transport (sharing cores, caches, memory
-    bandwidth), threads of one process for ``local`` (sharing the GIL too). The slowdown is the
-    mean per-sample task time under load over the time alone (>= 1)."""
+    bandwidth), threads of one process for ``local`` (sharing the GIL too). Per round the ratio is
+    the mean per-sample task time under load over the time alone; ``rounds`` alternating rounds,
+    and the median ratio counts (>= 1): one round moved between 1.00 and 1.24 across profiles of
+    one network on a shared VM."""
     from partime_sim.torch_networks import resolve_model
 
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds={rounds!r} is invalid; give an integer >= 1")
     resolved = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape)
     x, y = _calibration_stream(resolved.model, resolved.input_shape, samples)
-    alone = float(_backend_task_stats([resolved.model], x, y, "cpu", dtype, mode, threads)[0].sum())
     if transport == "local":
         models = [copy.deepcopy(resolved.model) for _ in range(count)]
-        sums: list[float] = [0.0] * count
-        gate = threading.Barrier(count)
+        task_sum = lambda m: float(_backend_task_stats([m], x, y, "cpu", dtype, mode, threads)[0].sum())
+        alone, together = [], []
+        for _ in range(rounds):
+            alone.append(task_sum(resolved.model))
+            sums: list[float] = [0.0] * count
+            gate = threading.Barrier(count)
 
-        def work(i: int) -> None:
-            gate.wait()
-            sums[i] = float(_backend_task_stats([models[i]], x, y, "cpu", dtype, mode, threads)[0].sum())
+            def work(i: int) -> None:
+                gate.wait()
+                sums[i] = task_sum(models[i])
 
-        workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            together.append(sums)
     else:
         gate = mp.get_context("spawn").Barrier(count)
-        args = (spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, gate)
-        sums = _spawned_reports(_concurrent_worker, [args] * count, count, "the concurrency measurement", "run again")
-    return max(1.0, float(np.mean(sums)) / alone) if alone > 0 else 1.0
+        args = [(spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, rounds, rank, gate)
+                for rank in range(count)]
+        reports = _spawned_reports(_concurrent_worker, args, count, "the concurrency measurement", "run again")
+        alone = next(a for rank, a, _ in reports if rank == 0)
+        together = [list(per_round) for per_round in zip(*(t for _, _, t in reports))]
+    ratios = [float(np.mean(t)) / a for a, t in zip(alone, together) if a > 0]
+    return max(1.0, float(np.median(ratios))) if ratios else 1.0
 
 
 # ---- links -----------------------------------------------------------------------------------

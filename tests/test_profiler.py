@@ -240,3 +240,33 @@ def test_calibration_from_backend_runs_gives_nonnegative_costs_and_overheads() -
     assert all(l.fwd >= 0 and l.bwd_input >= 0 and l.bwd_weight >= 0 for l in net.layers)
     assert sum(l.fwd + l.bwd_input + l.bwd_weight for l in net.layers) > 0
     assert net.class_costs["cpu"][0] == (net.layers[0].fwd, net.layers[0].bwd_input, net.layers[0].bwd_weight)
+
+
+@pytest.mark.parametrize("transport", ["local", "distributed"])
+def test_concurrency_slowdown_alternates_rounds_and_is_never_below_one(transport) -> None:
+    from partime_sim.backends.profiler import concurrency_slowdown
+
+    slowdown = concurrency_slowdown("mlp", 2, transport, samples=16, rounds=2)
+    assert math.isfinite(slowdown) and slowdown >= 1.0
+
+
+def test_concurrency_rounds_must_be_a_positive_integer() -> None:
+    from partime_sim.backends.profiler import concurrency_slowdown
+
+    with pytest.raises(ConfigError, match="rounds=0"):
+        concurrency_slowdown("mlp", 2, "local", rounds=0)
+
+
+def test_concurrent_worker_reports_every_round_alone_on_rank_zero_only() -> None:
+    import queue
+    import threading
+
+    from partime_sim.backends.profiler import _concurrent_worker
+
+    for rank in (0, 1):
+        out: queue.Queue = queue.Queue()
+        _concurrent_worker("mlp", 0, "float32", (32,), "train", 16, 1, 3, rank, threading.Barrier(1), out)
+        status, (got_rank, alone, together) = out.get_nowait()
+        assert status == "ok" and got_rank == rank
+        assert len(together) == 3 and min(together) > 0
+        assert len(alone) == (3 if rank == 0 else 0) and all(a > 0 for a in alone)
