@@ -2,6 +2,11 @@
 `vmap` sweep of 8 learning rates against 8 separate JAX runs (goal: the sweep costs less than
 3 separate runs). Compile time is reported apart from run time.
 
+The floor under that ratio is measured too: the bare arithmetic (a plain SGD step of the whole
+network per sample, no pipeline, ``vmap``-ed over C sets of weights) for C = 1 and 8. Each
+configuration has its own weights, so nothing of it is shared: the sweep can only amortise what
+the emulator spends per sample beyond the arithmetic.
+
 Run: python benchmarks/bench_emulators.py [--quick]   (prints Markdown for BENCHMARKS.md)
 """
 
@@ -25,6 +30,32 @@ def timed(fn):
     t0 = time.perf_counter()
     value = fn()
     return time.perf_counter() - t0, value
+
+
+def bare_step_seconds(jax_stages: list, x, y, configs: int) -> float:
+    """Seconds of a compiled scan of plain SGD steps of the whole network over the stream,
+    ``vmap``-ed over ``configs`` copies of the weights (median of 5 calls)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    applies = [fn for _, fn in jax_stages]
+
+    def loss(params, xm, ym):
+        out = xm[None]
+        for fn, p in zip(applies, params):
+            out = fn(p, out)
+        return -jax.nn.log_softmax(out.reshape(-1))[ym]
+
+    def step(params, xy):
+        grads = jax.grad(loss)(params, *xy)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), None
+
+    params = [jax.tree.map(lambda a: jnp.stack([jnp.asarray(a)] * configs), p) for p, _ in jax_stages]
+    run = jax.jit(lambda ps: lax.scan(jax.vmap(step, in_axes=(0, None)), ps, (jnp.asarray(x), jnp.asarray(y)))[0])
+    jax.block_until_ready(run(params))
+    times = [timed(lambda: jax.block_until_ready(run(params)))[0] for _ in range(5)]
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,6 +95,16 @@ def main() -> None:
     print(f"| vmap sweep (compiled) | {t_sweep:.2f} | {statistics.median(ratios):.2f} "
           f"[{ratios[0]:.2f}-{ratios[-1]:.2f}] |")
     print(f"| 8 separate runs (compiled) | {t_eight:.2f} | 8 |")
+    one, eight_bare = (bare_step_seconds(jax_stages, stream.x[:samples], stream.y[:samples], c) for c in (1, 8))
+    print("\nThe floor: plain SGD steps of the whole network (no pipeline), `vmap`-ed over C weight sets.\n")
+    print("| bare arithmetic | seconds | us per sample |\n|---|---|---|")
+    print(f"| C = 1 | {one:.3f} | {one / samples * 1e6:.1f} |")
+    print(f"| C = 8 | {eight_bare:.3f} | {eight_bare / samples * 1e6:.1f} (**{eight_bare / one:.2f}** x C = 1) |")
+    single = t_eight / 8  # one emulated run, from the repeated separate runs
+    print(f"\nPer sample: one emulated run {single / samples * 1e6:.1f} us, of which the bare arithmetic "
+          f"{one / samples * 1e6:.1f} us; each further configuration adds "
+          f"{(t_sweep - single) / 7 / samples * 1e6:.1f} us, of which the bare arithmetic "
+          f"{(eight_bare - one) / 7 / samples * 1e6:.1f} us.")
 
 
 if __name__ == "__main__":
