@@ -38,6 +38,7 @@ class CompareConfig:
     stream: str | None = None
     threads: int | None = 1
     baseline: bool = True  # also run (and predict) the sequential baseline, for speed-up
+    learning: bool = True  # training: also emulate the run and compare the loss curves (off: timing only)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
         measured = summarize(result.trace, num_devices=schedule.num_devices,
                              baseline_makespan=base_row["makespan_s"])
     learning, emulated = None, None
-    if cfg.mode == "train":
+    if cfg.mode == "train" and cfg.learning:
         emulated = _emulated_loss(cfg, run_cfg)
         learning = {"max_abs_loss_diff": float(np.max(np.abs(emulated - result.loss))),
                     "final_loss": {"emulated": float(emulated[-1]), "measured": float(result.loss[-1])},

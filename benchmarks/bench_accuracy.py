@@ -46,7 +46,8 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[f
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"],
                                        samples=spec["samples"][cfg["mode"]] // samples_div, mode=cfg["mode"],
                                        transport="distributed", profile=profiles[key],
-                                       microbatches=cfg.get("microbatches"), threads=1, baseline=False))
+                                       microbatches=cfg.get("microbatches"), threads=1, baseline=False,
+                                       learning=False))
         out.append((result.predicted["throughput_sps"], result.measured["throughput_sps"]))
         print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: predicted {out[-1][0]:,.0f}, "
               f"measured {out[-1][1]:,.0f} samples/s", flush=True)

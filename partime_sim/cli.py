@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--partition", default="minmax", help="minmax (on the profile), block, even or sizes")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker [1]")
+    p.add_argument("--no-learning", dest="learning", action="store_false",
+                   help="training: skip the emulated vs measured loss curves (timing only, faster)")
     p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
     p.add_argument("--json", action="store_true")
 
@@ -395,7 +397,7 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = CompareConfig(args.network, args.schedule, args.devices, samples=args.samples, mode=args.mode,
                         transport=args.transport, profile=args.profile, optimizer=args.optimizer, lr=lr,
                         seed=args.seed, microbatches=args.microbatches, partition=args.partition,
-                        threads=args.threads)
+                        threads=args.threads, learning=args.learning)
     result = compare(cfg)
     if args.out is not None:
         write_report(result, args.out)

@@ -43,3 +43,18 @@ def test_compare_cli_json(capsys, tmp_path) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["learning"] is None and data["measured"]["samples"] == 40
     assert set(data["error"]) >= set(COMPARED) | {"utilization"}
+
+
+def test_compare_cli_no_learning_is_timing_only(capsys, tmp_path) -> None:
+    assert main(["profile", "--network", "mlp", "--device", "cpu", "--transport", "local", "--repeats", "3",
+                 "--out", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    argv = ["compare", "--network", "mlp", "--schedule", "1f1b", "--samples", "40", "--transport", "local",
+            "--profile", str(tmp_path / "p.json"), "--json", "--out", str(tmp_path / "r")]
+    assert main(argv + ["--no-learning"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["learning"] is None and data["config"]["learning"] is False and data["measured"]["samples"] == 40
+    assert not (tmp_path / "r" / "learning.png").exists()
+    assert main(argv) == 0  # training compares the loss curves unless told not to
+    assert json.loads(capsys.readouterr().out)["learning"]["max_abs_loss_diff"] < 1e-4
+    assert (tmp_path / "r" / "learning.png").exists()
