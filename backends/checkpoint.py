@@ -65,9 +65,21 @@ def restore(worker: Any, state: dict[str, Any]) -> None:
 def _stage_state(st: Any) -> dict[str, Any]:
     cpu = lambda ts: None if ts is None else [t.detach().cpu().clone() for t in ts]  # noqa: E731
     return {"module": {n: t.detach().cpu().clone() for n, t in st.module.state_dict().items()},
-            "opt": copy.deepcopy(st.opt.state_dict()) if st.opt is not None else None,
+            "opt": _on_cpu(st.opt.state_dict()) if st.opt is not None else None,
             "acc": cpu(st.acc), "count": st.count, "version": st.version, "prev": cpu(st.prev),
             "ema": cpu(st.ema)}
+
+
+def _on_cpu(obj: Any) -> Any:
+    """A deep copy of an optimizer state dict with every tensor on the CPU (a checkpoint must
+    load where that GPU is absent; ``load_state_dict`` moves the state to the weights' device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _tensor(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -122,7 +134,7 @@ def load(path: str) -> list[dict[str, Any]]:
     from partime_sim.errors import ConfigError
 
     try:
-        states = torch.load(path, weights_only=False)
+        states = torch.load(path, weights_only=False, map_location="cpu")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"checkpoint {path!r} cannot be read ({exc}); give a file written by a run "
                           "with checkpoint_at=") from None

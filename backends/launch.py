@@ -32,7 +32,7 @@ import torch
 
 from partime_sim.backends.pipeline import Job, run_worker, worker_error
 from partime_sim.errors import ConfigError
-from partime_sim.backends.transport import DistributedTransport
+from partime_sim.backends.transport import DistributedTransport, directed_groups
 
 KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SIGKILL
 INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
@@ -76,11 +76,27 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES))
 
 
+def check_distributed(job: Job) -> None:
+    """What one process per device cannot run, refused before any process starts."""
+    gpus = [d for d in job.devices if d.startswith("cuda")]
+    twice = sorted({d for d in gpus if gpus.count(d) > 1})
+    if twice:
+        raise ConfigError(f"devices={job.devices} put two distributed workers on {twice[0]}, but NCCL cannot pair two "
+                          "ranks on one GPU; use --transport local (a thread and a CUDA stream per worker) or "
+                          "distinct GPUs")
+    if job.cuda_graphs:
+        raise ConfigError("cuda_graphs needs --transport local: capturing a graph synchronises the whole GPU, which "
+                          "would wait forever on the receives a distributed worker posts ahead")
+
+
 def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | None,
                    local_world: int) -> list[list[dict]] | None:
     """Run one rank of each job in turn, in one process group made here; rank 0 returns every
     job's parts (one per rank). Several jobs share one start-up (tests, sweeps)."""
     import torch.distributed as dist
+
+    for job in jobs:
+        check_distributed(job)
 
     torch.set_num_threads(jobs[0].threads or _threads_per_process(local_world))
     device = torch.device(jobs[0].devices[rank])
@@ -89,15 +105,19 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # on a GPU, bind the group to the device: NCCL then builds communicators eagerly
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S),
+                            **({"device_id": device} if device.type == "cuda" else {}))
     importlib.import_module("torch._dynamo")  # torch.optim imports it on first use: pay that before the clock starts
     try:
+        pairs = [(peer, r) for job in jobs for r in range(world) for peer in job.workers.incoming[r]]
+        groups = directed_groups(pairs, device)
         gathered = []
         for job in jobs:
             # before the transport posts its receives, which would take the sync's messages
             origin = common_origin_ns(rank, world) if device.type == "cpu" else time.perf_counter_ns()
-            transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank))
+            transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank), groups)
             dist.barrier()
             part = run_worker(job, rank, transport, origin)
             parts = [None] * world if rank == 0 else None
@@ -171,6 +191,8 @@ def run_spawned(jobs: list[Job]) -> list[list[dict[str, Any]]]:
     world = job.workers.num_workers
     if any(j.devices != job.devices for j in jobs):
         raise ConfigError(f"jobs run together must share their devices; got {sorted({str(j.devices) for j in jobs})}")
+    for j in jobs:
+        check_distributed(j)
     with tempfile.TemporaryDirectory(prefix="partime-run-") as tmp:
         job_path = str(Path(tmp) / "job.pt")
         torch.save(jobs, job_path)

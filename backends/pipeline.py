@@ -59,7 +59,7 @@ def parse_devices(devices: str | Sequence[str]) -> list[str]:
             index = int(d.split(":")[1]) if ":" in d else 0
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"device {d!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    return items
+    return [d if d != "cuda" else "cuda:0" for d in items]  # an index: torch.cuda.set_device needs one
 
 
 # ---- who runs what, and which messages cross workers -------------------------------------------
@@ -151,6 +151,7 @@ class _Clock:
     the end, so timing never synchronises the stream)."""
 
     def __init__(self, device: torch.device, origin_ns: int | None = None) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.stamps: list[Any] = []
         self.origin = origin_ns if origin_ns is not None and not self.cuda else self._stamp()
@@ -167,7 +168,7 @@ class _Clock:
 
     def seconds(self) -> np.ndarray:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # this worker's GPU, not the thread's current one
             return np.array([self.origin.elapsed_time(e) / 1e3 for e in self.stamps])
         return (np.array(self.stamps, dtype=np.int64) - self.origin) / 1e9
 
@@ -292,7 +293,8 @@ class _GraphedForward:
                     module(self.static_in)
             here.wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            # on this worker's own stream: the default capture stream is one per process, on one device
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                 self.static_out = module(self.static_in)
 
     def __call__(self, inp: torch.Tensor) -> torch.Tensor:
@@ -303,14 +305,19 @@ class _GraphedForward:
 
 def run_worker(job: Job, rank: int, transport: Any, origin_ns: int | None = None) -> dict[str, Any]:
     """Run worker ``rank`` of ``job`` to the end; its ``part`` of the result."""
-    with torch.inference_mode(False), torch.enable_grad():
+    def work() -> dict[str, Any]:
         worker = _Worker(job, rank, transport)
-        if worker.device.type == "cuda":
-            with torch.cuda.device(worker.device), torch.cuda.stream(torch.cuda.Stream(worker.device)):
-                worker.execute(origin_ns)
-        else:
-            worker.execute(origin_ns)
+        worker.execute(origin_ns)
         return worker.part()
+
+    device = torch.device(job.devices[rank])
+    with torch.inference_mode(False), torch.enable_grad():
+        if device.type != "cuda":
+            return work()
+        # built, run and read back on one stream of its own: the weight copies the worker makes
+        # first and the results it reads back last are then ordered with its tasks
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            return work()
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -394,7 +401,8 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
     """Execute ``schedule`` on ``stages`` over the stream ``(x, y)`` on real devices.
 
     ``devices`` gives one torch device per device the schedule uses (``"cpu,cpu"``,
-    ``["cuda:0", "cuda:1"]``; a GPU may repeat: each worker gets its own CUDA stream).
+    ``["cuda:0", "cuda:1"]``; with the local transport a GPU may repeat: each worker gets its own
+    CUDA stream).
     ``transport`` is ``local`` (threads of this process) or ``distributed`` (one spawned
     process per device, gloo on CPU, NCCL on GPU). The arguments mean what they mean for
     ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order;

@@ -70,6 +70,9 @@ class LocalTransport:
             tensor, event = box.pop(task)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+            # the memory belongs to the sender's stream: its caching allocator must not hand it out again
+            # before the stream that reads it here (the copy's, on the tensor's device) is done with it
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
         if tensor.device != self.device:
             tensor = tensor.to(self.device, non_blocking=True)
         return tensor
@@ -84,17 +87,42 @@ class LocalTransport:
         """Nothing in flight: a local send is complete when it returns."""
 
 
+def directed_groups(pairs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], Any]:
+    """One process group per (src, dst) pair that carries messages, made by every rank in the
+    same order (``dist.new_group`` is collective), so each direction has its own channel.
+
+    Why: NCCL runs all point-to-point work between two ranks on one stream in posting order,
+    and a receive kernel waits for its send; with receives posted ahead in both directions, two
+    ranks would each wait behind a receive for a send queued behind the other's receive. A
+    group per direction keeps each stream one-way. On a GPU the pair communicators are built
+    here, eagerly, by a tiny all-reduce per group in one global order (deadlock-free), rather
+    than by the first receive, which would block until the peer's first send."""
+    import torch.distributed as dist
+
+    groups = {pair: dist.new_group(list(pair)) for pair in sorted(set(pairs))}
+    if device.type == "cuda":
+        rank = dist.get_rank()
+        for pair, group in groups.items():
+            if rank in pair:
+                dist.all_reduce(torch.zeros(1, device=device), group=group)
+    return groups
+
+
 class DistributedTransport:
     """Point-to-point ``isend``/``irecv`` over an initialised default process group.
 
     ``incoming[src]`` lists, in the order ``src`` sends them, the (task, shape) of every
     message this rank receives from ``src``; receives are posted ``LOOKAHEAD`` ahead. gloo and
-    NCCL match messages per pair in posting order, so no tags are needed.
+    NCCL match messages per pair in posting order, so no tags are needed. ``groups`` maps
+    (src, dst) to that direction's group (``directed_groups``); without it every message goes
+    over the default group.
     """
 
     def __init__(self, rank: int, device: torch.device, dtype: torch.dtype,
-                 incoming: dict[int, list[tuple[int, tuple[int, ...]]]]) -> None:
+                 incoming: dict[int, list[tuple[int, tuple[int, ...]]]],
+                 groups: dict[tuple[int, int], Any] | None = None) -> None:
         self.rank, self.device, self.dtype = rank, device, dtype
+        self.groups = groups or {}
         self.pending_sends: collections.deque = collections.deque()
         self.incoming = incoming
         self.next_post = {src: 0 for src in incoming}
@@ -110,14 +138,14 @@ class DistributedTransport:
         if j < len(self.incoming[src]):
             task, shape = self.incoming[src][j]
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self.posted[task] = (dist.irecv(buf, src), buf)
+            self.posted[task] = (dist.irecv(buf, src, group=self.groups.get((src, self.rank))), buf)
             self.next_post[src] = j + 1
 
     def send(self, task: int, dst: int, tensor: torch.Tensor) -> None:
         import torch.distributed as dist
 
         tensor = tensor.detach().contiguous()
-        self.pending_sends.append((dist.isend(tensor, dst), tensor))
+        self.pending_sends.append((dist.isend(tensor, dst, group=self.groups.get((self.rank, dst))), tensor))
         while self.pending_sends and self.pending_sends[0][0].is_completed():
             self.pending_sends.popleft()
 

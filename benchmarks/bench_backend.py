@@ -151,11 +151,12 @@ def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
     transport = ``DistributedTransport.send``/``recv``. A one-way stream (rank 0 sends ``reps``
     tensors back to back; time per tensor) is timed per block for raw and transport."""
     from partime_sim.backends.launch import keep_freed_memory
-    from partime_sim.backends.transport import DistributedTransport
+    from partime_sim.backends.transport import DistributedTransport, directed_groups
 
     torch.set_num_threads(1)
     keep_freed_memory()  # as every backend worker process does
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    groups = directed_groups([(0, 1), (1, 0)], torch.device("cpu"))  # as the backend's workers
     peer, clock = 1 - rank, time.perf_counter_ns
     res = {}
     for nbytes in HOP_SIZES:
@@ -194,7 +195,7 @@ def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
                 dist.send(t, peer)  # matches the last irecv posted by the peer
                 work.wait()
             incoming = {peer: [(2 * i + (1 if rank == 0 else 0), shape) for i in range(reps)]}
-            tr = DistributedTransport(rank, torch.device("cpu"), torch.float32, incoming)
+            tr = DistributedTransport(rank, torch.device("cpu"), torch.float32, incoming, groups)
             dist.barrier()
             for i in range(reps):
                 t0 = clock()
@@ -214,7 +215,7 @@ def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
             dist.barrier()
             got["raw_stream"].append((clock() - t0) / reps)
             tr = DistributedTransport(rank, torch.device("cpu"), torch.float32,
-                                      {0: [(i, shape) for i in range(reps)]} if rank == 1 else {})
+                                      {0: [(i, shape) for i in range(reps)]} if rank == 1 else {}, groups)
             dist.barrier()
             t0 = clock()
             for i in range(reps):

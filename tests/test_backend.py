@@ -318,3 +318,29 @@ def test_workers_keep_freed_receive_buffers_on_glibc() -> None:
 
     # applied (mallopt accepted both settings) exactly where the C library is glibc
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_bare_cuda_gets_an_index(monkeypatch) -> None:
+    from partime_sim.backends.pipeline import parse_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_devices("cuda,cuda:1") == ["cuda:0", "cuda:1"]  # torch.cuda.set_device needs the index
+    assert parse_devices(["cpu", "cuda"]) == ["cpu", "cuda:0"]
+
+
+def test_distributed_refuses_what_nccl_cannot_run() -> None:
+    from dataclasses import replace
+
+    from partime_sim.backends.launch import check_distributed
+
+    sched, stages, devices = _case("partime", 2, "infer")
+    job = make_job(sched, stages, STREAM.x, STREAM.y, devices=devices)
+    check_distributed(job)  # CPU processes: fine
+    check_distributed(replace(job, devices=["cuda:0", "cuda:1"]))
+    with pytest.raises(ConfigError, match="two distributed workers on cuda:1.*--transport local"):
+        check_distributed(replace(job, devices=["cuda:1", "cuda:1"]))
+    with pytest.raises(ConfigError, match="cuda_graphs needs --transport local"):
+        check_distributed(replace(job, devices=["cuda:0", "cuda:1"], cuda_graphs=True))
+    with pytest.raises(ConfigError, match="cuda:0"):  # before any process starts
+        run_spawned([replace(job, devices=["cuda:0", "cuda:0"])])
