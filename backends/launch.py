@@ -113,10 +113,11 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     try:
         pairs = [(peer, r) for job in jobs for r in range(world) for peer in job.workers.incoming[r]]
         groups = directed_groups(pairs, device)
+        clock_group = dist.new_group(backend="gloo") if backend != "gloo" else None  # CPU timestamps
         gathered = []
         for job in jobs:
             # before the transport posts its receives, which would take the sync's messages
-            origin = common_origin_ns(rank, world) if device.type == "cpu" else time.perf_counter_ns()
+            origin = common_origin_ns(rank, world, group=clock_group)
             transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank), groups)
             dist.barrier()
             part = run_worker(job, rank, transport, origin)
@@ -129,7 +130,7 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
 
 
 def common_origin_ns(rank: int, world: int, rounds: int = CLOCK_SYNC_ROUNDS,
-                     clock: Callable[[], int] = time.perf_counter_ns) -> int:
+                     clock: Callable[[], int] = time.perf_counter_ns, group: Any = None) -> int:
     """One instant, as each rank's own ``perf_counter_ns`` reads it, so that every worker's
     task times share one axis (a cross-worker dependency then never looks like it ran backwards).
 
@@ -137,8 +138,9 @@ def common_origin_ns(rank: int, world: int, rounds: int = CLOCK_SYNC_ROUNDS,
     milliseconds apart on a loaded machine, and clocks of different nodes have different zeros.
     Rank 0 ping-pongs timestamps with each rank; the round with the shortest round trip gives
     that rank's clock offset to within half of it (a few tens of microseconds over loopback).
-    CPU (gloo) only: on a GPU the worker times with CUDA events from its own origin. ``clock``
-    is this rank's clock (a test shifts one rank's to check the offset)."""
+    The timestamps are CPU tensors, so ``group`` must be a gloo group (NCCL workers pass one made
+    for this; the GPU clock then anchors its CUDA events to the instant). ``clock`` is this
+    rank's clock (a test shifts one rank's to check the offset)."""
     import torch.distributed as dist
 
     buf = torch.zeros(1, dtype=torch.int64)
@@ -148,19 +150,19 @@ def common_origin_ns(rank: int, world: int, rounds: int = CLOCK_SYNC_ROUNDS,
             best_rtt, offset = None, 0
             for _ in range(rounds):
                 t0 = clock()
-                dist.send(buf, peer)
-                dist.recv(buf, peer)
+                dist.send(buf, peer, group=group)
+                dist.recv(buf, peer, group=group)
                 t1 = clock()
                 if best_rtt is None or t1 - t0 < best_rtt:
                     best_rtt, offset = t1 - t0, int(buf.item()) - (t0 + t1) // 2
             buf.fill_(origin + offset)
-            dist.send(buf, peer)
+            dist.send(buf, peer, group=group)
         return origin
     for _ in range(rounds):
-        dist.recv(buf, 0)
+        dist.recv(buf, 0, group=group)
         buf.fill_(clock())
-        dist.send(buf, 0)
-    dist.recv(buf, 0)
+        dist.send(buf, 0, group=group)
+    dist.recv(buf, 0, group=group)
     return int(buf.item())
 
 

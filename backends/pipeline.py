@@ -148,13 +148,22 @@ class Job:
 
 class _Clock:
     """Task start/end stamps: ``perf_counter_ns`` on CPU, CUDA events on a GPU (resolved at
-    the end, so timing never synchronises the stream)."""
+    the end, so timing never synchronises the stream). Times count from ``origin_ns`` (a
+    ``perf_counter_ns`` instant all workers share), on a GPU via the host time of an origin event."""
 
     def __init__(self, device: torch.device, origin_ns: int | None = None) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
         self.stamps: list[Any] = []
-        self.origin = origin_ns if origin_ns is not None and not self.cuda else self._stamp()
+        self.shift_s = 0.0  # GPU: seconds from origin_ns to the origin event, so all workers share one axis
+        if not self.cuda:
+            self.origin = origin_ns if origin_ns is not None else self._stamp()
+            return
+        # wait for this stream's event only: a device-wide sync would also wait for the receives a
+        # distributed worker has posted, whose sends come later
+        self.origin = self._stamp()
+        self.origin.synchronize()
+        if origin_ns is not None:
+            self.shift_s = (time.perf_counter_ns() - origin_ns) / 1e9
 
     def _stamp(self) -> Any:
         if self.cuda:
@@ -168,8 +177,9 @@ class _Clock:
 
     def seconds(self) -> np.ndarray:
         if self.cuda:
-            torch.cuda.synchronize(self.device)  # this worker's GPU, not the thread's current one
-            return np.array([self.origin.elapsed_time(e) / 1e3 for e in self.stamps])
+            if self.stamps:  # every stamp is on this worker's stream: the last one done, all are
+                self.stamps[-1].synchronize()
+            return self.shift_s + np.array([self.origin.elapsed_time(e) / 1e3 for e in self.stamps])
         return (np.array(self.stamps, dtype=np.int64) - self.origin) / 1e9
 
 

@@ -110,20 +110,23 @@ from partime_sim.backends.launch import common_origin_ns
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 skew = 10**9 if rank else 0  # rank 1's clock reads one second ahead
-print(common_origin_ns(rank, 2, clock=lambda: time.perf_counter_ns() + skew) - skew)
+group = dist.new_group(backend="gloo") if sys.argv[3] == "group" else None  # as NCCL workers sync clocks
+print(common_origin_ns(rank, 2, clock=lambda: time.perf_counter_ns() + skew, group=group) - skew)
 dist.destroy_process_group()
 """
 
 
-def test_ranks_agree_on_one_origin_whatever_their_clocks_read() -> None:
+@pytest.mark.parametrize("over", ["default", "group"])
+def test_ranks_agree_on_one_origin_whatever_their_clocks_read(over: str) -> None:
     """Rank 1's clock is one second ahead: the origin it is given must be one second later in its
-    own clock, i.e. the same instant (both processes share this host's monotonic clock)."""
+    own clock, i.e. the same instant (both processes share this host's monotonic clock); over the
+    default group (CPU workers) or a gloo group of its own (GPU workers, whose default is NCCL)."""
     from partime_sim.backends.launch import free_port
 
     port = str(free_port())
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    procs = [subprocess.Popen([sys.executable, "-c", _SYNC_RANK, str(r), port], stdout=subprocess.PIPE, text=True,
-                              env=env) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _SYNC_RANK, str(r), port, over], stdout=subprocess.PIPE,
+                              text=True, env=env) for r in range(2)]
     origins = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert abs(origins[1] - origins[0]) < 500_000, origins  # within 0.5 ms (a loopback round trip or two)
