@@ -36,6 +36,9 @@ from partime_sim.backends.transport import DistributedTransport, directed_groups
 
 KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SIGKILL
 INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
+# NCCL's watchdog times every operation from its launch, and receives are posted ahead: give a GPU
+# worker's first tasks (cuDNN autotuning, graph capture) room; a dead peer still ends the run at once
+NCCL_TIMEOUT_S = 300
 CLOCK_SYNC_ROUNDS = 16  # timestamp ping-pongs per rank; the shortest round trip is kept
 
 
@@ -106,9 +109,9 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # on a GPU, bind the group to the device: NCCL then builds communicators eagerly
+    timeout = datetime.timedelta(seconds=NCCL_TIMEOUT_S if backend == "nccl" else INIT_TIMEOUT_S)
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S),
-                            **({"device_id": device} if device.type == "cuda" else {}))
+                            timeout=timeout, **({"device_id": device} if device.type == "cuda" else {}))
     importlib.import_module("torch._dynamo")  # torch.optim imports it on first use: pay that before the clock starts
     try:
         pairs = [(peer, r) for job in jobs for r in range(world) for peer in job.workers.incoming[r]]
