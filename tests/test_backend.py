@@ -129,7 +129,9 @@ def test_ranks_agree_on_one_origin_whatever_their_clocks_read(over: str) -> None
                               text=True, env=env) for r in range(2)]
     origins = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert abs(origins[1] - origins[0]) < 500_000, origins  # within 0.5 ms (a loopback round trip or two)
+    # the same instant to within half the best of 16 loopback round trips: tens of us when idle, up to
+    # a millisecond or so while the rest of the suite loads both cores; the skew removed is 1 s
+    assert abs(origins[1] - origins[0]) < 2_000_000, origins
 
 
 def _failing_stages(how: str):
