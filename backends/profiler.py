@@ -307,6 +307,12 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     return calibrated, (float(overhead[0]), float(overhead[1]), float(overhead[2])), jitter
 
 
+def _whole_model_seconds(model: nn.Sequential, x: np.ndarray, y: np.ndarray, dtype: str, mode: str,
+                         threads: int | None) -> float:
+    """Per-sample task time of one ``sequential`` backend run of the whole model (one stage)."""
+    return float(_backend_task_stats([model], x, y, "cpu", dtype, mode, threads)[0].sum())
+
+
 def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, samples: int,
                        threads: int | None, rounds: int, rank: int, gate: Any, out: Any) -> None:
     """One of N processes running the whole model at the same time, ``rounds`` times; before each
@@ -317,14 +323,13 @@ def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int,
     try:
         model = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).model
         x, y = _calibration_stream(model, input_shape, samples)
-        task_sum = lambda: float(_backend_task_stats([model], x, y, "cpu", dtype, mode, threads)[0].sum())
         alone, together = [], []
         for _ in range(rounds):
             gate.wait(timeout=LINK_TIMEOUT_S)
             if rank == 0:
-                alone.append(task_sum())
+                alone.append(_whole_model_seconds(model, x, y, dtype, mode, threads))
             gate.wait(timeout=LINK_TIMEOUT_S)
-            together.append(task_sum())
+            together.append(_whole_model_seconds(model, x, y, dtype, mode, threads))
         out.put(("ok", (rank, alone, together)))  # one report per process
     except BaseException as exc:
         out.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -390,16 +395,15 @@ def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, d
     x, y = _calibration_stream(resolved.model, resolved.input_shape, samples)
     if transport == "local":
         models = [copy.deepcopy(resolved.model) for _ in range(count)]
-        task_sum = lambda m: float(_backend_task_stats([m], x, y, "cpu", dtype, mode, threads)[0].sum())
         alone, together = [], []
         for _ in range(rounds):
-            alone.append(task_sum(resolved.model))
+            alone.append(_whole_model_seconds(resolved.model, x, y, dtype, mode, threads))
             sums: list[float] = [0.0] * count
             gate = threading.Barrier(count)
 
             def work(i: int) -> None:
                 gate.wait()
-                sums[i] = task_sum(models[i])
+                sums[i] = _whole_model_seconds(models[i], x, y, dtype, mode, threads)
 
             workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
             for w in workers:

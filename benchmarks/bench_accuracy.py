@@ -84,8 +84,8 @@ def main() -> None:
     print(f"\nMean absolute percentage error of predicted throughput (medians over {repeats} round(s)): "
           f"**{100 * np.mean(np.abs(err)):.1f}%** over {len(err)} configurations (goal <= 5%); "
           f"single rounds: {', '.join(f'{x:.1f}%' for x in per_round)}.")
-    spread = 100 * (meas.max(axis=0) / meas.min(axis=0) - 1)
     if repeats > 1:
+        spread = 100 * (meas.max(axis=0) / meas.min(axis=0) - 1)
         print(f"Run-to-run spread of the measurement (max/min - 1) per configuration: "
               f"{', '.join(f'{x:.0f}%' for x in spread)}.")
 
