@@ -59,7 +59,9 @@ LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
-CALIBRATION_SAMPLES = 120  # per calibration run (the first quarter is warm-up); 40 left the costs noisy
+CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
+CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
+CALIBRATION_MAX_SAMPLES = 4000  # bounds the memory of the calibration stream
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
 
@@ -260,6 +262,20 @@ def _calibration_stream(model: nn.Sequential, input_shape: Sequence[int], sample
     gen = np.random.default_rng(0)
     x = gen.standard_normal((samples, *input_shape)).astype(np.float32)
     return x, np.zeros((samples, int(np.prod(out_shape))), dtype=np.float32)
+
+
+def calibration_samples(network: Network, mode: str = "train", seconds: float = CALIBRATION_SECONDS) -> int:
+    """Samples per calibration run so that its measured part (all but the first quarter) lasts
+    about ``seconds`` by the direct per-layer timings of ``network`` (which leave out the
+    backend's per-task overheads, so the run lasts longer), at least ``CALIBRATION_SAMPLES``.
+    Why: a fixed count made a small network's calibration a 0.1 s run, and on a shared machine
+    the speed of 0.1 s runs moves by a quarter from one to the next."""
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ConfigError(f"calibration seconds={seconds!r} is invalid; give a finite number >= 0")
+    per_sample = sum(lay.fwd + (lay.bwd_input + lay.bwd_weight + lay.opt if mode == "train" else 0.0)
+                     for lay in network.layers)
+    wanted = math.ceil(seconds * 4 / 3 / per_sample) if per_sample > 0 else CALIBRATION_MAX_SAMPLES
+    return int(min(max(wanted, CALIBRATION_SAMPLES), CALIBRATION_MAX_SAMPLES))
 
 
 def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int], device: str = "cpu",
@@ -739,13 +755,15 @@ def profile(
     link_sizes: Sequence[int] = LINK_SIZES,
     mode: str = "train",
     calibrated: bool = True,
+    calibration_s: float = CALIBRATION_SECONDS,
 ) -> Profile:
     """Profile the model ``spec`` (a catalogue name or ``path/to/module.py:factory``) on ``devices``.
 
     Layers are measured once per distinct device class (the first device of the class); links as
     ``profile_links`` says. With ``calibrated`` (default) the layer costs and the per-task
     overheads are then taken from real backend runs in ``mode`` (``calibrate``); the direct
-    timings stay in ``meta["direct"]``. The cluster has one device per given device, and at least two (a
+    timings stay in ``meta["direct"]``; each calibration run (and each run of the concurrency
+    slowdown) lasts about ``calibration_s`` (``calibration_samples``). The cluster has one device per given device, and at least two (a
     pipeline needs two processes or threads, so ``cpu`` alone measures two CPU processes), each of
     its class with speed 1.0, so the simulator takes the measured costs.
     """
@@ -763,6 +781,7 @@ def profile(
     overheads: dict[str, tuple[float, float, float]] = {}
     direct: dict[str, Any] = {}
     jitter: dict[str, float] = {}
+    samples: dict[str, int] = {}
     for dev in devs:
         cls = device_class(dev)
         if cls not in per_class:
@@ -771,8 +790,10 @@ def profile(
             overheads[cls] = (0.0, 0.0, 0.0)
             if calibrated:
                 direct[cls] = [list(r) for r in per_class[cls].class_costs[cls]]
+                samples[cls] = calibration_samples(per_class[cls], mode, calibration_s)
                 per_class[cls], overheads[cls], jitter[cls] = calibrate(
-                    per_class[cls], resolved.model, resolved.input_shape, str(dev), dtype, mode, threads=threads)
+                    per_class[cls], resolved.model, resolved.input_shape, str(dev), dtype, mode,
+                    samples=samples[cls], threads=threads)
     first = next(iter(per_class.values()))
     analytic = resolved.network if resolved.network.num_layers == first.num_layers else None
     layers = tuple(lay if analytic is None else dataclasses.replace(lay, flops=analytic.layers[i].flops)
@@ -784,7 +805,7 @@ def profile(
     slowdown = 1.0  # GPUs (one process or stream each) are taken not to slow each other
     if calibrated and all(d.type == "cpu" for d in devs):
         slowdown = concurrency_slowdown(spec, count, transport, seed, dtype, tuple(resolved.input_shape), mode,
-                                        threads=threads)
+                                        samples=samples["cpu"], threads=threads)
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
@@ -805,6 +826,6 @@ def profile(
         "link_points": links.points,
         "barrier_per_round_s": links.barrier_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
-        "jitter": jitter, "concurrency_slowdown": slowdown,
+        "jitter": jitter, "concurrency_slowdown": slowdown, "calibration_samples": samples,
     }
     return Profile(network, cluster, meta)

@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_bounded(int, 0, False, "an integer"), default=3, help="untimed runs first [3]")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads while timing layers [1 on cpu]")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sample [0]")
+    p.add_argument("--calibration-seconds", type=_bounded(float, 0, False, "a number"), default=1.0,
+                   help="measured length of each calibration run (at least 120 samples) [1.0]")
     p.add_argument("--out", type=_json_path, default=None, help="write the profile here (FILE.json)")
     p.add_argument("--json", action="store_true", help="print the profile JSON on stdout")
 
@@ -418,7 +420,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     prof = profile(args.network, args.device.split(","), transport=args.transport, dtype=args.dtype,
                    input_shape=args.input_shape, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
-                   threads=args.threads)
+                   threads=args.threads, calibration_s=args.calibration_seconds)
     if args.out is not None:
         prof.save(args.out)
     if args.json:

@@ -23,6 +23,7 @@ from partime_sim.partition import even_partition
 from partime_sim.simulate import simulate
 
 FAST = dict(warmup=1, repeats=3)
+QUICK_PROFILE = dict(FAST, calibration_s=0.0)  # calibration runs of the fewest samples
 
 
 def _output_bytes(model: nn.Sequential, shape: tuple[int, ...]) -> list[int]:
@@ -173,7 +174,7 @@ def test_not_a_profile_is_a_clear_error(tmp_path):
 
 
 def test_profile_end_to_end_with_catalogue_flops():
-    prof = profile("lenet", ["cpu"], transport="local", **FAST)
+    prof = profile("lenet", ["cpu"], transport="local", **QUICK_PROFILE)
     catalogue = get_network("lenet")
     assert [lay.name for lay in prof.network.layers] == [lay.name for lay in catalogue.layers]
     assert [lay.flops for lay in prof.network.layers] == [lay.flops for lay in catalogue.layers]
@@ -184,13 +185,14 @@ def test_profile_end_to_end_with_catalogue_flops():
     # two local workers (threads) computing at once share cores and the GIL: measured, never < 1
     assert prof.cluster.concurrency_slowdown == prof.meta["concurrency_slowdown"] >= 1.0
     assert set(prof.meta["jitter"]) == {"cpu"} and prof.meta["jitter"]["cpu"] >= 0
+    assert prof.meta["calibration_samples"] == {"cpu": 120}  # calibration_s=0: the fewest samples
 
 
 def test_profile_a_factory_module(tmp_path):
     module = tmp_path / "mine.py"
     module.write_text("from torch import nn\n\ndef build():\n"
                       "    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))\n")
-    prof = profile(f"{module}:build", "cpu", transport="local", input_shape=(8,), **FAST)
+    prof = profile(f"{module}:build", "cpu", transport="local", input_shape=(8,), **QUICK_PROFILE)
     assert [lay.act_bytes for lay in prof.network.layers] == [64, 64, 8]
     assert prof.network.layers[1].bwd_weight == 0 and prof.network.layers[1].bwd_input > 0
 
@@ -200,8 +202,9 @@ def test_profile_a_factory_module(tmp_path):
 def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
     path = tmp_path / "mlp.json"
     assert main(["profile", "--network", "mlp", "--device", "cpu", "--repeats", "3", "--warmup", "1",
-                 "--out", str(path)]) == 0
+                 "--calibration-seconds", "0", "--out", str(path)]) == 0
     out = capsys.readouterr().out
+    assert load_profile(path).meta["calibration_samples"] == {"cpu": 120}
     assert "fc7" in out and "latency" in out and f"--network {path} --cluster {path}" in out
     link = load_profile(path).cluster.link
     assert link.latency_s > 0 and 0 < link.bandwidth_Bps < math.inf  # gloo between two processes
@@ -216,6 +219,7 @@ def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
     (["--device", "cpu", "--repeats", "0"], "0 must be >= 1"),
     (["--device", "cpu", "--input-shape", "3xx2"], "'3xx2'"),
     (["--device", "cpu", "--out", "p.txt"], "p.txt"),
+    (["--device", "cpu", "--calibration-seconds", "-1"], "-1.0 must be >= 0"),
 ])
 def test_cli_bad_input_is_one_line(capsys, argv, needle):
     try:
@@ -240,6 +244,31 @@ def test_calibration_from_backend_runs_gives_nonnegative_costs_and_overheads() -
     assert all(l.fwd >= 0 and l.bwd_input >= 0 and l.bwd_weight >= 0 for l in net.layers)
     assert sum(l.fwd + l.bwd_input + l.bwd_weight for l in net.layers) > 0
     assert net.class_costs["cpu"][0] == (net.layers[0].fwd, net.layers[0].bwd_input, net.layers[0].bwd_weight)
+
+
+def test_calibration_runs_last_the_asked_seconds_within_bounds() -> None:
+    from partime_sim.backends.profiler import (
+        CALIBRATION_MAX_SAMPLES, CALIBRATION_SAMPLES, calibration_samples,
+    )
+    from partime_sim.network import Layer, Network
+
+    # 0.2 + 0.3 + 0.4 + 0.1 ms per sample in training, 0.2 ms in inference
+    net = Network("n", (Layer("a", 2e-4, 3e-4, 4e-4, opt=1e-4),), input_bytes=4)
+    assert calibration_samples(net, "train", 1.0) == math.ceil(1.0 * 4 / 3 / 1e-3)  # first quarter is warm-up
+    assert calibration_samples(net, "infer", 0.2) == math.ceil(0.2 * 4 / 3 / 2e-4)
+    assert calibration_samples(net, "train", 0.0) == CALIBRATION_SAMPLES
+    assert calibration_samples(net, "infer", 60.0) == CALIBRATION_MAX_SAMPLES
+    with pytest.raises(ConfigError, match="seconds=-1"):
+        calibration_samples(net, "train", -1.0)
+
+
+def test_profile_records_the_calibration_length() -> None:
+    from partime_sim.backends.profiler import CALIBRATION_MAX_SAMPLES, CALIBRATION_SAMPLES
+
+    # mlp's layers take well under 0.1 ms per sample, so 0.3 s needs more than the fewest samples
+    prof = profile("mlp", ["cpu"], transport="local", warmup=1, repeats=3, calibration_s=0.3)
+    (samples,) = prof.meta["calibration_samples"].values()
+    assert CALIBRATION_SAMPLES < samples <= CALIBRATION_MAX_SAMPLES
 
 
 @pytest.mark.parametrize("transport", ["local", "distributed"])
