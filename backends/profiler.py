@@ -288,11 +288,14 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     loss. Two real runs of the ``sequential`` schedule on ``device`` measure it: one with every
     layer its own stage (L tasks of each kind per sample), one with the whole model as one stage
     (1 task). Per kind (forward, backward, optimizer step) the per-task overhead is the excess of
-    the first over the second, divided by L - 1; a layer's cost is its own mean task time less
-    that overhead (its direct timing where that leaves nothing). BI and BW keep the ratio the
-    direct timing gave them. Returns the network with these costs (``class_costs`` too), the
-    (forward, backward, step) overhead for ``Device.task_overhead_s``, and the whole-model run's
-    coefficient of variation of task times (the jitter a prediction should draw with)."""
+    the first over the second, divided by L - 1 (optimizer steps: over the W layers with weights,
+    divided by W - 1; a layer without weights steps nothing), at most the cheapest such task. A
+    layer's cost is its own mean task time less that overhead, scaled so that the layers' costs
+    plus one overhead are the whole model's measured task time (the two runs are not measured at
+    the same moment). BI and BW keep the ratio the direct timing gave them. Returns the network
+    with these costs (``class_costs`` too), the (forward, backward, step) overhead for
+    ``Device.task_overhead_s``, and the whole-model run's coefficient of variation of task times
+    (the jitter a prediction should draw with)."""
     L = network.num_layers
     x, y = _calibration_stream(model, input_shape, samples)
     children = list(model.children())
@@ -305,11 +308,18 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     per_layer, _ = task_means(L)
     whole, jitter = task_means(1)
     whole = whole[0]
-    overhead = np.maximum((per_layer.sum(axis=0) - whole) / (L - 1), 0.0) if L > 1 else np.zeros(3)
-    cost = per_layer - overhead
-    # a layer cheaper than the (noisy) overhead estimate keeps its direct timing, not 0
-    direct = np.array([(lay.fwd, lay.bwd_input + lay.bwd_weight, lay.opt) for lay in network.layers])
-    cost = np.where((per_layer > 0) & (cost <= 0), direct, np.maximum(cost, 0.0))
+    overhead, cost = np.zeros(3), np.zeros((L, 3))
+    # every layer-stage runs a forward and a backward, but an optimizer step only where there are
+    # weights (a stage without weights has no optimizer)
+    weighted = np.array([lay.param_bytes > 0 for lay in network.layers])
+    for col, tasks in enumerate((np.ones(L, dtype=bool), np.ones(L, dtype=bool), weighted)):
+        times = per_layer[tasks, col]
+        if times.size > 1:  # no task costs less than its overhead
+            overhead[col] = min(max((times.sum() - whole[col]) / (times.size - 1), 0.0), times.min())
+        mine = times - overhead[col]
+        if mine.sum() > 0:  # the whole model as one stage costs what its run measured
+            mine *= max(whole[col] - overhead[col], 0.0) / mine.sum()
+        cost[tasks, col] = mine
     layers, rows = [], []
     for k, layer in enumerate(network.layers):
         split = layer.bwd_input / (layer.bwd_input + layer.bwd_weight) if layer.bwd_input + layer.bwd_weight else 1.0

@@ -9,7 +9,7 @@ Both sides are noisy on a shared VM (the same run's throughput moves by 20-30% f
 the next), so the whole set is repeated ``--repeats`` times, rounds interleaved (a slow phase of
 the machine hits every configuration, not one), each round with fresh profiles; the error of a
 configuration compares the median prediction with the median measurement. The MAPE of single
-rounds is printed too.
+rounds is printed too, and the measurement's own noise floor (odd rounds against even rounds).
 
 Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R]   (prints Markdown for BENCHMARKS.md)
 """
@@ -54,6 +54,13 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[f
     return out
 
 
+def noise_floor(measured: np.ndarray) -> float:
+    """MAPE (%) of the median of the odd rounds against the median of the even rounds of the
+    measurement, (round, config): how far the measurement moves by itself."""
+    odd, even = np.median(measured[0::2], axis=0), np.median(measured[1::2], axis=0)
+    return float(100 * np.mean(np.abs(odd / even - 1)))
+
+
 def _cell(values: np.ndarray) -> str:
     """The median, then every round's value."""
     return f"{np.median(values):,.0f}; " + ", ".join(f"{x:,.0f}" for x in values)
@@ -88,6 +95,9 @@ def main() -> None:
         spread = 100 * (meas.max(axis=0) / meas.min(axis=0) - 1)
         print(f"Run-to-run spread of the measurement (max/min - 1) per configuration: "
               f"{', '.join(f'{x:.0f}%' for x in spread)}.")
+        print(f"Noise floor: the measurement against itself, the median of the odd rounds against the median "
+              f"of the even rounds, scores a MAPE of {noise_floor(meas):.1f}% (what a perfect prediction would "
+              f"score with half the rounds).")
 
 
 if __name__ == "__main__":

@@ -130,13 +130,18 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
     for d, dev in enumerate(cluster.devices):
         device_type[d] = types.setdefault((dev.kind, dev.speed, dev.task_overhead_s), len(types))
     table = np.zeros((len(types), S + 1, K))  # stage row S: tasks without a stage (BARRIER)
+    # an optimizer step costs its overhead only on a stage with weights (one without has no
+    # optimizer); a network that gives no weight sizes at all is taken to have weights everywhere
+    weighted = np.add.reduceat(np.array([lay.param_bytes for lay in network.layers], dtype=float), starts) > 0
+    if not weighted.any():
+        weighted[:] = True
     for (kind, speed, (ov_f, ov_b, ov_opt)), t in types.items():
         per_layer = np.add.reduceat(network.costs(kind, speed), starts, axis=0)  # (S, 3) fwd, BI, BW
         table[t, :S, F] = per_layer[:, 0] * mb + ov_f
         table[t, :S, BI] = per_layer[:, 1] * mb + ov_b
         table[t, :S, BW] = per_layer[:, 2] * mb + ov_b
         table[t, :S, B] = (per_layer[:, 1] + per_layer[:, 2]) * mb + ov_b
-        table[t, :S, OPT] = np.add.reduceat(network.opt_costs(speed), starts) + ov_opt  # per update, not per sample
+        table[t, :S, OPT] = np.add.reduceat(network.opt_costs(speed), starts) + ov_opt * weighted  # per update
     if schedule.num_devices > 1:  # devices sharing a host slow each other's compute
         table[:, :S] *= cluster.concurrency_slowdown
     table[:, :, BARRIER] = cluster.barrier_s

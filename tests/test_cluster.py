@@ -117,6 +117,25 @@ def test_heterogeneous_devices_scale_or_override_network_costs():
     assert math.isinf(cluster.devices[2].memory_bytes)
 
 
+def test_optimizer_overhead_only_on_stages_with_weights() -> None:
+    from dataclasses import replace
+
+    from partime_sim.generators import generate
+    from partime_sim.network import Layer, Network
+    from partime_sim.partition import Partition
+    from partime_sim.simulate import simulate
+
+    # stage 0 has weights, stage 1 (a ReLU, say) none: it has no optimizer to pay for
+    net = Network("w+relu", (Layer("fc", 1e-3, 1e-3, 1e-3, param_bytes=64, opt=1e-4), Layer("relu", 1e-3, 1e-3, 0.0)),
+                  input_bytes=4)
+    sched = generate("sequential", 2, 10, "train")
+    base = ideal_cluster(1)
+    slow = replace(base, devices=(replace(base.devices[0], task_overhead_s=(0.0, 0.0, 4e-3)),))
+    part = Partition((0, 1, 2), (0, 0))
+    t0 = simulate(sched, net, base, part).makespan
+    assert simulate(sched, net, slow, part).makespan - t0 == pytest.approx(10 * 4e-3, rel=1e-12)
+
+
 def test_task_overhead_adds_to_every_compute_task_exactly() -> None:
     from dataclasses import replace
 

@@ -271,6 +271,28 @@ def test_profile_records_the_calibration_length() -> None:
     assert CALIBRATION_SAMPLES < samples <= CALIBRATION_MAX_SAMPLES
 
 
+def test_calibration_splits_the_measured_runs_exactly(monkeypatch) -> None:
+    """Per-layer and whole-model task means (us) given, the decomposition checked by hand."""
+    import partime_sim.backends.profiler as P
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    direct = profile_layers(model, (4,), **FAST)
+    per_layer = np.array([[100.0, 200.0, 50.0], [30.0, 60.0, 5.0], [120.0, 220.0, 60.0]]) * 1e-6
+    whole = np.array([[100.0, 380.0, 80.0]]) * 1e-6
+    runs = iter([(per_layer, 0.1), (whole, 0.2)])
+    monkeypatch.setattr(P, "_backend_task_stats", lambda *a, **k: next(runs))
+    net, overhead, jitter = P.calibrate(direct, model, (4,), samples=8)
+    cost = np.array([(lay.fwd, lay.bwd_input + lay.bwd_weight, lay.opt) for lay in net.layers]) * 1e6
+    # forward: (250 - 100) / 2 = 75 exceeds the cheapest task (30): capped there, the rest scaled
+    # to the whole run's 100; backward: (480 - 380) / 2 = 50; optimizer: the two layers with
+    # weights, (110 - 80) / 1 = 30, the ReLU steps nothing
+    assert np.allclose(np.array(overhead) * 1e6, [30.0, 50.0, 30.0])
+    assert np.allclose(cost[:, 0], np.array([70.0, 0.0, 90.0]) * 70 / 160)
+    assert np.allclose(cost[:, 1], [150.0, 10.0, 170.0]) and np.allclose(cost[:, 2], [20.0, 0.0, 30.0])
+    assert np.allclose(cost.sum(axis=0) + np.array(overhead) * 1e6, whole[0] * 1e6)  # one stage: the whole run
+    assert jitter == 0.2
+
+
 @pytest.mark.parametrize("transport", ["local", "distributed"])
 def test_concurrency_slowdown_alternates_rounds_and_is_never_below_one(transport) -> None:
     from partime_sim.backends.profiler import concurrency_slowdown
