@@ -61,7 +61,8 @@ BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays t
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
-CALIBRATION_MAX_SAMPLES = 4000  # bounds the memory of the calibration stream
+CALIBRATION_MAX_SAMPLES = 4000  # most samples per calibration run...
+CALIBRATION_MAX_BYTES = 256 * 2**20  # ...and most bytes of their inputs (beyond the fewest samples)
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
 
@@ -267,7 +268,8 @@ def _calibration_stream(model: nn.Sequential, input_shape: Sequence[int], sample
 def calibration_samples(network: Network, mode: str = "train", seconds: float = CALIBRATION_SECONDS) -> int:
     """Samples per calibration run so that its measured part (all but the first quarter) lasts
     about ``seconds`` by the direct per-layer timings of ``network`` (which leave out the
-    backend's per-task overheads, so the run lasts longer), at least ``CALIBRATION_SAMPLES``.
+    backend's per-task overheads, so the run lasts longer), at least ``CALIBRATION_SAMPLES``, at
+    most ``CALIBRATION_MAX_SAMPLES`` or ``CALIBRATION_MAX_BYTES`` of inputs.
     Why: a fixed count made a small network's calibration a 0.1 s run, and on a shared machine
     the speed of 0.1 s runs moves by a quarter from one to the next."""
     if not (seconds >= 0 and math.isfinite(seconds)):
@@ -275,7 +277,8 @@ def calibration_samples(network: Network, mode: str = "train", seconds: float = 
     per_sample = sum(lay.fwd + (lay.bwd_input + lay.bwd_weight + lay.opt if mode == "train" else 0.0)
                      for lay in network.layers)
     wanted = math.ceil(seconds * 4 / 3 / per_sample) if per_sample > 0 else CALIBRATION_MAX_SAMPLES
-    return int(min(max(wanted, CALIBRATION_SAMPLES), CALIBRATION_MAX_SAMPLES))
+    most = min(CALIBRATION_MAX_SAMPLES, CALIBRATION_MAX_BYTES // max(network.input_bytes, 1))
+    return int(max(min(wanted, most), CALIBRATION_SAMPLES))
 
 
 def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int], device: str = "cpu",
@@ -773,9 +776,10 @@ def profile(
     ``profile_links`` says. With ``calibrated`` (default) the layer costs and the per-task
     overheads are then taken from real backend runs in ``mode`` (``calibrate``); the direct
     timings stay in ``meta["direct"]``; each calibration run (and each run of the concurrency
-    slowdown) lasts about ``calibration_s`` (``calibration_samples``). The cluster has one device per given device, and at least two (a
-    pipeline needs two processes or threads, so ``cpu`` alone measures two CPU processes), each of
-    its class with speed 1.0, so the simulator takes the measured costs.
+    slowdown) lasts about ``calibration_s`` (``calibration_samples``). The cluster has one device
+    per given device, and at least two (a pipeline needs two processes or threads, so ``cpu``
+    alone measures two CPU processes), each of its class with speed 1.0, so the simulator takes
+    the measured costs.
     """
     from partime_sim.torch_networks import resolve_model
 

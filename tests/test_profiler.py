@@ -258,6 +258,8 @@ def test_calibration_runs_last_the_asked_seconds_within_bounds() -> None:
     assert calibration_samples(net, "infer", 0.2) == math.ceil(0.2 * 4 / 3 / 2e-4)
     assert calibration_samples(net, "train", 0.0) == CALIBRATION_SAMPLES
     assert calibration_samples(net, "infer", 60.0) == CALIBRATION_MAX_SAMPLES
+    big = Network("big", net.layers, input_bytes=2**20)  # 1 MiB per sample: 256 of them at most
+    assert calibration_samples(big, "infer", 60.0) == 256 and calibration_samples(big, "infer", 0.02) == 134
     with pytest.raises(ConfigError, match="seconds=-1"):
         calibration_samples(net, "train", -1.0)
 
