@@ -314,8 +314,8 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     overhead, cost = np.zeros(3), np.zeros((L, 3))
     # every layer-stage runs a forward and a backward, but an optimizer step only where there are
     # weights (a stage without weights has no optimizer)
-    weighted = np.array([lay.param_bytes > 0 for lay in network.layers])
-    for col, tasks in enumerate((np.ones(L, dtype=bool), np.ones(L, dtype=bool), weighted)):
+    every = np.ones(L, dtype=bool)
+    for col, tasks in enumerate((every, every, network.layer_param_bytes() > 0)):
         times = per_layer[tasks, col]
         if times.size > 1:  # no task costs less than its overhead
             overhead[col] = min(max((times.sum() - whole[col]) / (times.size - 1), 0.0), times.min())

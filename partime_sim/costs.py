@@ -132,7 +132,7 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
     table = np.zeros((len(types), S + 1, K))  # stage row S: tasks without a stage (BARRIER)
     # an optimizer step costs its overhead only on a stage with weights (one without has no
     # optimizer); a network that gives no weight sizes at all is taken to have weights everywhere
-    weighted = np.add.reduceat(np.array([lay.param_bytes for lay in network.layers], dtype=float), starts) > 0
+    weighted = np.add.reduceat(network.layer_param_bytes(), starts) > 0
     if not weighted.any():
         weighted[:] = True
     for (kind, speed, (ov_f, ov_b, ov_opt)), t in types.items():
@@ -218,7 +218,7 @@ def memory_sizes(schedule: Schedule, network: Network, partition: Partition) -> 
     act = network.act_bytes().astype(float)
     bounds = np.asarray(partition.bounds)
     inputs = np.r_[network.input_bytes, act[bounds[1:-1] - 1]]
-    params = np.array([lay.param_bytes for lay in network.layers], dtype=float)
+    params = network.layer_param_bytes().astype(float)
     mb = _microbatch_size(schedule)
     return MemorySizes((np.add.reduceat(act, bounds[:-1]) + inputs) * mb, np.add.reduceat(params, bounds[:-1]))
 

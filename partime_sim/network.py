@@ -94,6 +94,10 @@ class Network:
     def opt_costs(self, speed: float = 1.0) -> np.ndarray:
         return np.array([lay.opt for lay in self.layers], dtype=float) / speed
 
+    def layer_param_bytes(self) -> np.ndarray:
+        """Per-layer weight bytes, as an int64 array of length L (0: a layer without weights)."""
+        return np.array([lay.param_bytes for lay in self.layers], dtype=np.int64)
+
     def act_bytes(self) -> np.ndarray:
         """Per-layer output activation bytes, as an int64 array of length L."""
         return np.array([lay.act_bytes for lay in self.layers], dtype=np.int64)
