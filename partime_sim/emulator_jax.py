@@ -24,13 +24,16 @@ loop over stages replays the schedule exactly, under one ``jit``. Ring sizes com
 most writes to a ring while one of its values is still to be read), so memory stays bounded however
 long the stream. ``emulate_jax_sweep`` runs C configurations (seeds, streams, learning rates and
 other hyper-parameters) that share the schedule and the shapes in the same scan, with a leading
-configuration axis: the op codes are shared, so every branch stays a real branch.
+configuration axis: the op codes are shared, so every branch stays a real branch. On the CPU
+backend the configurations are split into one chunk per core, run side by side.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -335,7 +338,8 @@ def emulate_jax_sweep(
     stash_weights: bool = True,
     compensation: str = "none",
 ) -> list[EmulationResult]:
-    """Run C configurations of one schedule in one compiled run, one EmulationResult each.
+    """Run C configurations of one schedule in one compiled run (on a CPU, one per core, each
+    over its share of the configurations), one EmulationResult each.
 
     Each of ``stages_jax`` (a list of per-configuration stage lists: other seeds' weights),
     ``x`` and ``y`` (lists of per-configuration streams) and ``optimizer`` (a list of specs:
@@ -451,14 +455,22 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
     run = _compiled(applies, program.ring_sizes, program.num_stages, specs[0].name, loss, stash_weights,
                     len(xs) > 1, len(ys) > 1, comp)
     stack = lambda items: jax.tree.map(lambda *a: np.stack(a), *items)
-    shared = lambda items: items[0] if len(items) == 1 else stack(items)
     tables = {k: jnp.asarray(v) for k, v in program.tables().items()}
-    out_params, loss_w, correct_w = run(tables, jnp.asarray(program.final_version),
-                                        stack([params[c % len(params)] for c in range(C)]),
-                                        [stack([h[c % len(h)] for c in range(C)]) for h in hyper],
-                                        shared(xs), shared(ys))
-    out_params = jax.tree.map(np.asarray, out_params)
-    loss_w, correct_w = np.asarray(loss_w).T, np.asarray(correct_w).T  # (C, waves)
+    final_version, x64 = jnp.asarray(program.final_version), dtype == "float64"
+
+    def run_chunk(configs: list[int]) -> tuple:
+        pick = lambda items: items[0] if len(items) == 1 else stack([items[c % len(items)] for c in configs])
+        with jax.enable_x64(x64):  # a config context is per thread
+            return jax.block_until_ready(run(tables, final_version, stack([params[c % len(params)] for c in configs]),
+                                             [stack([h[c % len(h)] for c in configs]) for h in hyper],
+                                             pick(xs), pick(ys)))
+
+    chunks = _config_chunks(C)
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        parts = list(pool.map(run_chunk, chunks))
+    out_params = jax.tree.map(lambda *a: np.concatenate(a)[:C], *[p[0] for p in parts])
+    loss_w = np.concatenate([np.asarray(p[1]).T for p in parts])[:C]  # (C, waves)
+    correct_w = np.concatenate([np.asarray(p[2]).T for p in parts])[:C]
     results = []
     for c in range(C):
         per_sample = loss_w[c, program.loss_wave]
@@ -468,6 +480,23 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
             final_params=[jax.tree.map(lambda a, c=c: a[c], p) for p in out_params],
             updates=(program.op == OP_OPT).sum(axis=0)))
     return results
+
+
+def _config_chunks(C: int) -> list[list[int]]:
+    """The configurations split into equal chunks, one per CPU core, to run side by side.
+
+    Why: a run's scan is serial, so on the CPU backend one compiled call keeps one core busy; C
+    configurations ``vmap``-ed in one call cost about C times the arithmetic of one on that core.
+    Chunks run in threads (a compiled call releases the GIL), the last one padded with copies of
+    configuration C-1 so all share one compiled shape. On an accelerator the ``vmap`` is the
+    parallelism: one chunk.
+    """
+    import jax
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(C, cores) if jax.default_backend() == "cpu" else 1
+    size = -(-C // workers)
+    return [[min(c, C - 1) for c in range(start, start + size)] for start in range(0, C, size)]
 
 
 def _float(a: np.ndarray, dtype: str) -> np.ndarray:

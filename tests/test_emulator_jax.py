@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from partime_sim import emulator_jax
 from partime_sim.emulator_jax import compile_schedule, emulate_jax, emulate_jax_sweep, make_optax
 from partime_sim.emulator_torch import emulate_torch
 from partime_sim.errors import ConfigError, ScheduleError
@@ -185,6 +186,42 @@ def test_sweep_over_seeds_and_streams_equals_separate_runs():
         want = emulate_jax(sched, stages, x, y, optimizer=ADAM, dtype="float64")
         np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12, atol=0)
         assert np.array_equal(got.correct, want.correct)
+
+
+@pytest.mark.parametrize("cores, C, want", [(1, 5, [[0, 1, 2, 3, 4]]), (2, 8, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+                                             (3, 5, [[0, 1], [2, 3], [4, 4]]), (16, 3, [[0], [1], [2]])])
+def test_sweep_chunks_one_per_core_padded_to_one_shape(monkeypatch, cores, C, want):
+    monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert emulator_jax._config_chunks(C) == want
+
+
+def test_sweep_chunks_on_an_accelerator_stay_one_call(monkeypatch):
+    monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert emulator_jax._config_chunks(5) == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sweep_split_over_cores_equals_one_call(monkeypatch, dtype):
+    """Chunks run in threads (x64 switched on in each) and the padding is dropped: 5 configurations
+    over 3 'cores' give what one call over all 5 gives, bit for bit."""
+    sched = generate("1f1b", 2, 40)
+    seeds = range(5)
+    stage_sets = [to_jax(mlp_stages(2, seed=s)) for s in seeds]
+    xs, ys = zip(*(stream(40, seed=s) for s in seeds))
+    specs = [OptimizerSpec("adam", lr=0.01 * (s + 1)) for s in seeds]
+    run = lambda: emulate_jax_sweep(sched, stage_sets, list(xs), list(ys), optimizer=specs, dtype=dtype)
+    monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: {0})
+    whole = run()
+    monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    split = run()
+    assert len(split) == 5
+    for a, b in zip(whole, split, strict=True):
+        assert a.loss.dtype == np.dtype(dtype)
+        assert np.array_equal(a.loss, b.loss) and np.array_equal(a.correct, b.correct)
+        for u, v in zip(jax.tree.leaves(a.final_params), jax.tree.leaves(b.final_params), strict=True):
+            assert np.array_equal(u, v)
+    assert len({float(r.loss[-10:].mean()) for r in split}) == 5
 
 
 # ---- optimizers ----------------------------------------------------------------------------------
