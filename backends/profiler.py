@@ -58,6 +58,8 @@ SEND_COST_PAIRS = 5  # (with, without messages) timings of the send cost; the me
 LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
+BARRIER_COMPUTE_S = 3e-4  # each barrier round: both processes compute this long first...
+BARRIER_SKEWS_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3)  # ...and the last arrival this much longer, cycling
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
@@ -521,20 +523,40 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                 if i >= warmup:
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
-        barrier = []
-        for i in range(warmup + max(repeats, BARRIER_ROUNDS)):
-            t0 = time.perf_counter_ns()
-            dist.barrier()
-            if i >= warmup:
-                barrier.append((time.perf_counter_ns() - t0) * 1e-9)
+        barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup)
         send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            blocks = np.array_split(np.array(barrier), BARRIER_BLOCKS)
-            out.put(("ok", (points, float(np.median([b.mean() for b in blocks])), send_cost)))
+            out.put(("ok", (points, barrier, send_cost)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
+
+
+def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int) -> float:
+    """Seconds a lockstep tick's barrier costs its last arrival (rank 0's mean; 0 on rank 1).
+
+    Back-to-back barriers (nothing between them) under-state it two- to threefold on a VM: in a
+    tick both processes compute first, and the one that arrives early blocks, its core goes
+    idle and has to be woken when the last one arrives. So each round both spin
+    ``BARRIER_COMPUTE_S``, rank 0 ``BARRIER_SKEWS_S[i]`` longer (cycling: balanced stages to one
+    idle for milliseconds), then meet at ``dist.barrier``; rank 0's wait is the tick's cost.
+    Median of ``BARRIER_BLOCKS`` block means: a lockstep run pays the tail, not a stall."""
+    waits = []
+    for i in range(rounds):
+        _spin(BARRIER_COMPUTE_S + (BARRIER_SKEWS_S[i % len(BARRIER_SKEWS_S)] if rank == 0 else 0.0))
+        t0 = time.perf_counter_ns()
+        dist.barrier()
+        if i >= warmup:
+            waits.append((time.perf_counter_ns() - t0) * 1e-9)
+    return float(np.median([b.mean() for b in np.array_split(np.array(waits), BARRIER_BLOCKS)])) if rank == 0 else 0.0
+
+
+def _spin(seconds: float) -> None:
+    """Keep the core busy for ``seconds``, as a stage's compute does (a sleep would idle it)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:

@@ -4,6 +4,7 @@ loading it (network and cluster from one file). Timings are only compared with e
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +124,30 @@ def test_gloo_link_between_two_processes():
     assert links.link.latency_s > 0 and 0 < links.link.bandwidth_Bps
     assert links.host_link == Link() and links.barrier_s > 0
     assert [p[0] for p in links.points["cpu->cpu"]] == [4.0, 4096.0, 65536.0]
+
+
+def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
+    """Each round both ranks compute first and rank 0 (whose wait is reported) arrives later by a
+    cycling skew; a fake barrier that costs 1 ms gives 1 ms, whatever the skew."""
+    from partime_sim.backends import profiler
+
+    calls: list[int] = []
+
+    class FakeDist:
+        @staticmethod
+        def barrier() -> None:
+            calls.append(time.perf_counter_ns())
+            end = time.perf_counter() + 1e-3
+            while time.perf_counter() < end:
+                pass
+
+    monkeypatch.setattr(profiler, "BARRIER_COMPUTE_S", 2e-4)
+    monkeypatch.setattr(profiler, "BARRIER_SKEWS_S", (0.0, 2e-3))
+    cost = profiler._barrier_after_compute(0, FakeDist, rounds=12, warmup=2)
+    assert 1e-3 <= cost < 1.5e-3
+    gaps = np.diff(calls) * 1e-9 - 1e-3  # time between a barrier's end and the next one's start
+    assert np.all(gaps[0::2] >= 2e-4 + 2e-3) and np.all(gaps[1::2] >= 2e-4)  # round i+1 skews 2 ms when i is even
+    assert profiler._barrier_after_compute(1, FakeDist, rounds=3, warmup=0) == 0.0
 
 
 def test_local_link_is_a_handoff_without_copy():
