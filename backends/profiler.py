@@ -535,16 +535,17 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
 
 def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int) -> float:
     """Seconds a lockstep tick's barrier costs its last arrival (rank 0's mean; 0 on rank 1).
+    ``dist`` is ``torch.distributed`` or a worker's ``LocalTransport``: anything with ``barrier()``.
 
     Back-to-back barriers (nothing between them) under-state it two- to threefold on a VM: in a
     tick both processes compute first, and the one that arrives early blocks, its core goes
-    idle and has to be woken when the last one arrives. So each round both spin
+    idle and has to be woken when the last one arrives. So each round both compute
     ``BARRIER_COMPUTE_S``, rank 0 ``BARRIER_SKEWS_S[i]`` longer (cycling: balanced stages to one
-    idle for milliseconds), then meet at ``dist.barrier``; rank 0's wait is the tick's cost.
+    idle for milliseconds), then meet at the barrier; rank 0's wait is the tick's cost.
     Median of ``BARRIER_BLOCKS`` block means: a lockstep run pays the tail, not a stall."""
     waits = []
     for i in range(rounds):
-        _spin(BARRIER_COMPUTE_S + (BARRIER_SKEWS_S[i % len(BARRIER_SKEWS_S)] if rank == 0 else 0.0))
+        _busy(BARRIER_COMPUTE_S + (BARRIER_SKEWS_S[i % len(BARRIER_SKEWS_S)] if rank == 0 else 0.0))
         t0 = time.perf_counter_ns()
         dist.barrier()
         if i >= warmup:
@@ -552,11 +553,13 @@ def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int) -> fl
     return float(np.median([b.mean() for b in np.array_split(np.array(waits), BARRIER_BLOCKS)])) if rank == 0 else 0.0
 
 
-def _spin(seconds: float) -> None:
-    """Keep the core busy for ``seconds``, as a stage's compute does (a sleep would idle it)."""
+def _busy(seconds: float) -> None:
+    """Keep the core busy for ``seconds`` with small matrix products, as a stage's compute does (a
+    sleep would idle it; torch releases the GIL, so a worker thread beside this one runs too)."""
+    a = torch.ones(32, 32)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        pass
+        torch.mm(a, a)
 
 
 def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
@@ -633,32 +636,28 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[f
     hub = LocalHub(2)
     main, peer = LocalTransport(hub, 0, device), LocalTransport(hub, 1, device)
     item = torch.zeros(1, device=device)
-    rounds = warmup + repeats
+    rounds, barriers = warmup + repeats, warmup + max(repeats, BARRIER_ROUNDS)
 
     def echo() -> None:
         try:
             for i in range(rounds):
                 peer.send(2 * i + 1, 0, peer.recv(2 * i, 0, tuple(item.shape), item.dtype))
-            for _ in range(rounds):
-                peer.barrier()
+            _barrier_after_compute(1, peer, barriers, warmup)
         except BaseException:
             hub.abort()
             raise
 
     worker = threading.Thread(target=echo, daemon=True)
     worker.start()
-    hand, wait = [], []
+    hand = []
     for i in range(rounds):
         t0 = time.perf_counter_ns()
         main.send(2 * i, 1, item)
         main.recv(2 * i + 1, 1, tuple(item.shape), item.dtype)
         hand.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
-    for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        main.barrier()
-        wait.append((time.perf_counter_ns() - t0) * 1e-9)
+    wait = _barrier_after_compute(0, main, barriers, warmup)
     worker.join()
-    return float(np.median(hand[warmup:])), float(np.mean(wait[warmup:]))  # every barrier is paid: mean
+    return float(np.median(hand[warmup:])), wait
 
 
 def _copy_points(src: torch.device, dst: torch.device, sizes: Sequence[int], warmup: int,
