@@ -338,8 +338,8 @@ def emulate_jax_sweep(
     stash_weights: bool = True,
     compensation: str = "none",
 ) -> list[EmulationResult]:
-    """Run C configurations of one schedule in one compiled run (on a CPU, one per core, each
-    over its share of the configurations), one EmulationResult each.
+    """Run C configurations of one schedule in one compiled program, one EmulationResult each
+    (on a CPU, one call per core side by side, each over its share of the configurations).
 
     Each of ``stages_jax`` (a list of per-configuration stage lists: other seeds' weights),
     ``x`` and ``y`` (lists of per-configuration streams) and ``optimizer`` (a list of specs:
@@ -466,8 +466,11 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
                                              pick(xs), pick(ys)))
 
     chunks = _config_chunks(C)
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        parts = list(pool.map(run_chunk, chunks))
+    if len(chunks) == 1:
+        parts = [run_chunk(chunks[0])]
+    else:
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(run_chunk, chunks))
     out_params = jax.tree.map(lambda *a: np.concatenate(a)[:C], *[p[0] for p in parts])
     loss_w = np.concatenate([np.asarray(p[1]).T for p in parts])[:C]  # (C, waves)
     correct_w = np.concatenate([np.asarray(p[2]).T for p in parts])[:C]
