@@ -62,7 +62,7 @@ def bare_step_seconds(jax_stages: list, x, y, configs: int) -> float:
 
 
 def main() -> None:
-    from partime_sim.emulator_jax import emulate_jax, emulate_jax_sweep
+    from partime_sim.emulator_jax import _config_chunks, emulate_jax, emulate_jax_sweep
     from partime_sim.emulator_torch import emulate_torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,7 +101,8 @@ def main() -> None:
     ratios = sorted(8 * ts / te for ts, te, _ in rounds)
     t_sweep, t_eight, t_side = (statistics.median(r[i] for r in rounds) for i in range(3))
     print(f"\n{len(rounds)} interleaved repeats, medians; the ratio's range over the repeats in brackets. "
-          f"The sweep runs its configurations in {cores} chunks side by side, one per core.\n")
+          f"The sweep runs its configurations in {len(_config_chunks(len(specs)))} chunks side by side, "
+          "one per core.\n")
     print("| 8 learning rates | seconds | in separate runs |\n|---|---|---|")
     print(f"| vmap sweep (compiled) | {t_sweep:.2f} | **{statistics.median(ratios):.2f}** "
           f"[{ratios[0]:.2f}-{ratios[-1]:.2f}] |")
