@@ -21,7 +21,10 @@ Built-in streams (``STREAMS``; ``make_stream`` builds them at any input shape):
 - ``drift``: slowly drifting regression. ``x_t`` is a smooth signal (an AR(1) process with
   correlation 0.98 per step, unit variance), ``y_t = W_t x_t`` with ``W_t = cos(φ_t) A +
   sin(φ_t) B`` turning once every ``DRIFT_PERIOD`` samples (A, B Gaussian, variance 1/D, so
-  ``y`` has unit variance). ``y``: float targets ``(N, num_outputs)``, no classes.
+  ``y`` has unit variance). ``y``: float targets ``(N, num_outputs)``, no classes. Where a dense
+  map would be too large (``num_outputs x D`` over ``DRIFT_DENSE_MAX``, e.g. a 256x256 output
+  map of a 3x256x256 frame: 192 GiB), A and B are Gaussian of rank ``DRIFT_RANK`` instead
+  (``U V / sqrt(r D)``, still unit variance).
 - ``shuffled:NAME``: the samples of NAME in a seeded random order (the i.i.d. baseline).
 """
 
@@ -49,6 +52,8 @@ SEGMENT_FRAMES = (50, 200)  # shapes: a class lasts this many frames (inclusive 
 NOISE = 0.02  # shapes: sensor noise (std) per pixel / per outline value
 DRIFT_PERIOD = 5000  # drift: samples for W_t to turn once (A -> B -> -A -> -B -> A)
 DRIFT_CORRELATION = 0.98  # drift: AR(1) correlation of x_t between consecutive samples
+DRIFT_DENSE_MAX = 1 << 24  # drift: largest dense map (outputs x inputs entries); a low-rank map above
+DRIFT_RANK = 64  # drift: rank of the map when a dense one would be too large
 _RENDER_CHUNK = 512  # frames rendered at once (bounds memory for long image streams)
 
 
@@ -218,6 +223,17 @@ def _render_frames(shape: tuple[int, ...], cx: np.ndarray, cy: np.ndarray, angle
     return out
 
 
+def _apply_map(x: np.ndarray, num_outputs: int, rng: np.random.Generator) -> np.ndarray:
+    """``x @ A.T`` for a fresh Gaussian map A of variance 1/D per output, dense when it fits in
+    ``DRIFT_DENSE_MAX`` entries, else of rank ``DRIFT_RANK`` (never formed)."""
+    d = x.shape[1]
+    if num_outputs * d <= DRIFT_DENSE_MAX:
+        return x @ (rng.standard_normal((num_outputs, d)) / math.sqrt(d)).T
+    v = rng.standard_normal((DRIFT_RANK, d))
+    u = rng.standard_normal((num_outputs, DRIFT_RANK))
+    return (x @ v.T) @ u.T / math.sqrt(DRIFT_RANK * d)
+
+
 def _drift(n: int, shape: tuple[int, ...], num_outputs: int, rng: np.random.Generator) -> Stream:
     d = math.prod(shape)
     rho = DRIFT_CORRELATION
@@ -226,9 +242,8 @@ def _drift(n: int, shape: tuple[int, ...], num_outputs: int, rng: np.random.Gene
     x[0] = rng.standard_normal(d)
     for t in range(1, n):
         x[t] = rho * x[t - 1] + noise[t]
-    a, b = rng.standard_normal((2, num_outputs, d)) / math.sqrt(d)
     phi = 2 * np.pi * np.arange(n) / DRIFT_PERIOD
-    y = np.cos(phi)[:, None] * (x @ a.T) + np.sin(phi)[:, None] * (x @ b.T)
+    y = np.cos(phi)[:, None] * _apply_map(x, num_outputs, rng) + np.sin(phi)[:, None] * _apply_map(x, num_outputs, rng)
     return Stream(x.reshape(n, *shape).astype(np.float32), y.astype(np.float32), None, "drift", smooth=True)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from partime_sim import streams
 from partime_sim.errors import ConfigError
 from partime_sim.streams import (
     SEGMENT_FRAMES, STREAMS, Stream, from_arrays, from_npz, from_torch_dataset, make_stream,
@@ -175,3 +176,17 @@ def test_stream_checks_its_own_fields():
         Stream(np.zeros((3, 2), np.float32), np.zeros(2, np.int64), 2)
     with pytest.raises(ConfigError, match="regression targets"):
         Stream(np.zeros((3, 2), np.float32), np.zeros(3, np.int64), None)
+
+
+def test_drift_map_too_large_for_memory_is_low_rank(monkeypatch):
+    # a 256x256 output map of a 3x256x256 frame: a dense map would take 192 GiB
+    big = make_stream("drift", 3, (3, 256, 256), 256 * 256, seed=0)
+    assert big.y.shape == (3, 256 * 256) and 0.9 < big.y.std() < 1.1
+    monkeypatch.setattr(streams, "DRIFT_DENSE_MAX", 0)
+    monkeypatch.setattr(streams, "DRIFT_RANK", 2)
+    s = make_stream("drift", 500, VECTOR, 8, seed=0)
+    y = s.y.astype(float)
+    assert np.linalg.matrix_rank(y, tol=1e-4 * np.abs(y).max()) == 4  # cos(φ) A x + sin(φ) B x, A and B rank 2
+    x = s.x.astype(float)  # still a linear map of x_t over a short window
+    w = np.linalg.lstsq(x[:50], y[:50], rcond=None)[0]
+    assert np.mean((x[:50] @ w - y[:50]) ** 2) / np.mean(y[:50] ** 2) < 1e-3
