@@ -192,6 +192,7 @@ def test_sweep_over_seeds_and_streams_equals_separate_runs():
                                              (3, 5, [[0, 1], [2, 3], [4, 4]]), (16, 3, [[0], [1], [2]])])
 def test_sweep_chunks_one_per_core_padded_to_one_shape(monkeypatch, cores, C, want):
     monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # where JAX has a GPU, too
     assert emulator_jax._config_chunks(C) == want
 
 

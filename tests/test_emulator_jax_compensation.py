@@ -11,7 +11,7 @@ from partime_sim.emulator_torch import emulate_torch
 from partime_sim.errors import ConfigError
 from partime_sim.generators import generate
 from partime_sim.optimizers import OptimizerSpec
-from tests.test_emulator_jax import assert_same_run, mlp_stages, stream, to_jax
+from test_emulator_jax import assert_same_run, mlp_stages, stream, to_jax
 
 SGD = OptimizerSpec("sgd", lr=0.05)
 ADAM = OptimizerSpec("adam", lr=0.003, weight_decay=1e-3)
