@@ -106,7 +106,7 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
 
     devices = parse_devices(cfg.devices)
     prof = load_profile(cfg.profile) if cfg.profile else profile(
-        cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
+        cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode)
     S = len(devices) if cfg.schedule != "sequential" else 1
     predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
                                                          cfg.microbatches, cfg.partition, cfg.seed)

@@ -339,9 +339,9 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
 
 
 def _whole_model_seconds(model: nn.Sequential, x: np.ndarray, y: np.ndarray, dtype: str, mode: str,
-                         threads: int | None) -> float:
+                         threads: int | None, device: str = "cpu") -> float:
     """Per-sample task time of one ``sequential`` backend run of the whole model (one stage)."""
-    return float(_backend_task_stats([model], x, y, "cpu", dtype, mode, threads)[0].sum())
+    return float(_backend_task_stats([model], x, y, device, dtype, mode, threads)[0].sum())
 
 
 def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, samples: int,
@@ -409,12 +409,13 @@ def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports
 def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
                          input_shape: tuple[int, ...] | None = None, mode: str = "train", *,
                          samples: int = CALIBRATION_SAMPLES, threads: int | None = None,
-                         rounds: int = CONCURRENCY_ROUNDS) -> float:
-    """How much longer a CPU task takes when ``count`` pipeline workers compute at once.
+                         rounds: int = CONCURRENCY_ROUNDS, device: str = "cpu") -> float:
+    """How much longer a task takes when ``count`` pipeline workers compute at once on ``device``.
 
     The whole model runs alone, then ``count`` copies run at the same moment as the pipeline's
     workers would: processes for the ``distributed`` transport (sharing cores, caches, memory
-    bandwidth), threads of one process for ``local`` (sharing the GIL too). Per round the ratio is
+    bandwidth), threads of one process for ``local`` (sharing the GIL too; on one GPU repeated,
+    each thread with its own CUDA stream, sharing the GPU's multiprocessors). Per round the ratio is
     the mean per-sample task time under load over the time alone; ``rounds`` alternating rounds,
     and the median ratio counts (>= 1): one round moved between 1.00 and 1.24 across profiles of
     one network on a shared VM."""
@@ -422,19 +423,22 @@ def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, d
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds={rounds!r} is invalid; give an integer >= 1")
+    if device != "cpu" and transport != "local":
+        raise ConfigError(f"device={device!r} with transport {transport!r}: distributed workers each own a device; "
+                          "measure a shared GPU with transport='local'")
     resolved = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape)
     x, y = _calibration_stream(resolved.model, resolved.input_shape, samples)
     if transport == "local":
         models = [copy.deepcopy(resolved.model) for _ in range(count)]
         alone, together = [], []
         for _ in range(rounds):
-            alone.append(_whole_model_seconds(resolved.model, x, y, dtype, mode, threads))
+            alone.append(_whole_model_seconds(resolved.model, x, y, dtype, mode, threads, device))
             sums: list[float] = [0.0] * count
             gate = threading.Barrier(count)
 
             def work(i: int) -> None:
                 gate.wait()
-                sums[i] = _whole_model_seconds(models[i], x, y, dtype, mode, threads)
+                sums[i] = _whole_model_seconds(models[i], x, y, dtype, mode, threads, device)
 
             workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
             for w in workers:
@@ -837,10 +841,14 @@ def profile(
                       {cls: net.class_costs[cls] for cls, net in per_class.items()})
     links = profile_links([str(d) for d in devs], transport, link_sizes)
     count = max(len(devs), 2)
-    slowdown = 1.0  # GPUs (one process or stream each) are taken not to slow each other
-    if calibrated and all(d.type == "cpu" for d in devs):
+    # workers share CPU cores, or one GPU repeated (threads and streams); distinct GPUs are taken
+    # not to slow each other
+    shared_gpu = transport == "local" and len(devs) > 1 and len(set(map(str, devs))) == 1 and devs[0].type == "cuda"
+    slowdown = 1.0
+    if calibrated and (all(d.type == "cpu" for d in devs) or shared_gpu):
         slowdown = concurrency_slowdown(spec, count, transport, seed, dtype, tuple(resolved.input_shape), mode,
-                                        samples=samples["cpu"], threads=threads)
+                                        samples=samples[device_class(devs[0])], threads=threads,
+                                        device=str(devs[0]))
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distributed: one process per stage (gloo/NCCL); local: threads of one process [distributed]")
     p.add_argument("--input-shape", type=_shape, default=None, help="one sample's shape, e.g. 3x32x32 (factories)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--mode", choices=("train", "infer"), default="train",
+                   help="the runs the calibration measures (per-task overheads, slowdown) [train]")
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per measurement (median) [10]")
     p.add_argument("--warmup", type=_bounded(int, 0, False, "an integer"), default=3, help="untimed runs first [3]")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads while timing layers [1 on cpu]")
@@ -420,7 +422,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     prof = profile(args.network, args.device.split(","), transport=args.transport, dtype=args.dtype,
                    input_shape=args.input_shape, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
-                   threads=args.threads, calibration_s=args.calibration_seconds)
+                   threads=args.threads, calibration_s=args.calibration_seconds, mode=args.mode)
     if args.out is not None:
         prof.save(args.out)
     if args.json:

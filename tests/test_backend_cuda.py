@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from partime_sim.backends.pipeline import run_pipeline
+from partime_sim.backends.profiler import device_class
 from partime_sim.emulator_torch import emulate_torch
 from partime_sim.generators import generate
 from partime_sim.models import build_torch_model, split_stages
@@ -29,10 +30,11 @@ def _check(name: str, devices: list[str], transport: str) -> None:
     ref = emulate_torch(sched, stages, stream.x, stream.y, optimizer=spec, dtype="float64")
     got = run_pipeline(sched, stages, stream.x, stream.y, devices=devices, transport=transport, optimizer=spec,
                        dtype="float64")
-    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-9)
-    for a, b in zip(ref.final_state, got.final_state):
+    # GPU kernels round differently from the CPU's: a loss near 0 (log of a softmax near 1) moves by an ulp of 1
+    np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-9, atol=1e-14)
+    for a, b in zip(ref.final_state, got.final_state):  # 40 Adam steps of those roundings: ~1e-9 relative
         for n in a:
-            np.testing.assert_allclose(b[n].cpu().numpy(), a[n].numpy(), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(b[n].cpu().numpy(), a[n].numpy(), rtol=1e-7, atol=1e-10)
     tr = got.trace
     assert (tr["end"] >= tr["start"]).all() and len(tr) == len(sched)
 
@@ -74,3 +76,13 @@ def test_cuda_graph_inference_gives_the_eager_outputs(name: str, devices: str) -
     np.testing.assert_allclose(graphed, eager, rtol=1e-6, atol=1e-7)  # the same kernels, replayed
     np.testing.assert_allclose(runs[1].loss, runs[0].loss, rtol=1e-6)
     assert len(runs[1].trace) == len(sched)
+
+
+def test_profile_of_one_gpu_repeated_measures_the_streams_slowing_each_other() -> None:
+    from partime_sim.backends.profiler import profile
+
+    prof = profile("lenet", "cuda:0,cuda:0", transport="local", warmup=1, repeats=3, calibration_s=0.2)
+    assert [d.kind for d in prof.cluster.devices] == [device_class(torch.device("cuda:0"))] * 2
+    # two threads launching on one GPU share the GIL and the multiprocessors: a batch-1 LeNet is
+    # launch-bound, so two streams cannot both run at full speed
+    assert prof.cluster.concurrency_slowdown == prof.meta["concurrency_slowdown"] > 1.0
