@@ -31,13 +31,13 @@ def _load() -> float:
 def _cuda_text() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return (f"A GPU is visible ({torch.cuda.get_device_name(0)}), but this reproduction runs on CPU only; "
-                "the CUDA-graph comparison was not run.")
-    return ("**With/without CUDA graphs (paper V.A-V.C).** Not reproduced: this machine has no GPU "
-            "(`torch.cuda.is_available()` is False), and the torch backend has no CUDA-graph option, so only "
-            "the CPU run above is measured. The simulator has no kernel-launch overhead either (roofline costs), "
-            "i.e. it predicts the with-CUDA-graphs end of the paper's comparison.")
+    where = (f"a GPU is visible ({torch.cuda.get_device_name(0)}), but this reproduction measures CPU runs only"
+             if torch.cuda.is_available() else "this machine has no GPU (`torch.cuda.is_available()` is False)")
+    return (f"**With/without CUDA graphs (paper V.A-V.C).** Not measured here: {where}. "
+            "`python benchmarks/bench_gpu.py` measures it on a GPU (V.A's net at 256x256, streams of 2/4/8 stages "
+            "on one GPU, `--cuda-graphs` on and off; an H100's figures are in BENCHMARKS.md). The simulator has no "
+            "kernel-launch overhead (roofline costs), i.e. it predicts the with-CUDA-graphs end of the paper's "
+            "comparison.")
 
 
 def measured_cpu(settings: Settings) -> Experiment:
