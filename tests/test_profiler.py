@@ -134,15 +134,16 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
     from partime_sim.backends import profiler
 
     clock_ns = [0]
-    computed: list[float] = []
+    events: list[float | str] = []  # seconds computed, and the barriers
 
     def busy(seconds: float) -> None:
-        computed.append(seconds)
+        events.append(seconds)
         clock_ns[0] += round(seconds * 1e9)
 
     class FakeDist:
         @staticmethod
         def barrier() -> None:
+            events.append("barrier")
             clock_ns[0] += 1_000_000
 
     monkeypatch.setattr(profiler, "time", SimpleNamespace(perf_counter_ns=lambda: clock_ns[0]))
@@ -150,10 +151,11 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
     monkeypatch.setattr(profiler, "BARRIER_COMPUTE_S", 2e-4)
     monkeypatch.setattr(profiler, "BARRIER_SKEWS_S", (0.0, 2e-3))
     assert profiler._barrier_after_compute(0, FakeDist, rounds=12, warmup=2) == pytest.approx(1e-3, rel=1e-9)
-    assert computed == [2e-4, 2e-4 + 2e-3] * 6  # rank 0 computes, later by the cycling skew
-    computed.clear()
+    # rank 0 computes before each barrier, later by the cycling skew
+    assert events == [2e-4, "barrier", 2e-4 + 2e-3, "barrier"] * 6
+    events.clear()
     assert profiler._barrier_after_compute(1, FakeDist, rounds=3, warmup=0) == 0.0
-    assert computed == [2e-4] * 3  # rank 1 computes without the skew
+    assert events == [2e-4, "barrier"] * 3  # rank 1 without the skew
 
 
 def test_busy_keeps_computing_for_the_time_asked():
