@@ -337,9 +337,11 @@ def emulate_jax_sweep(
     dtype: str = "float32",
     stash_weights: bool = True,
     compensation: str = "none",
+    workers: int | None = None,
 ) -> list[EmulationResult]:
     """Run C configurations of one schedule in one compiled program, one EmulationResult each
-    (on a CPU, one call per core side by side, each over its share of the configurations).
+    (on a CPU, one call per core side by side, each over its share of the configurations; at
+    most ``workers`` calls, e.g. 1 when several sweeps run in parallel processes).
 
     Each of ``stages_jax`` (a list of per-configuration stage lists: other seeds' weights),
     ``x`` and ``y`` (lists of per-configuration streams) and ``optimizer`` (a list of specs:
@@ -360,13 +362,15 @@ def emulate_jax_sweep(
         raise ConfigError("a sweep needs at least one configuration; the per-configuration lists are empty")
     items = {n: list(v) if per_config[n] else [v] for n, v in given.items()}
     specs = [_spec(o) for o in items["optimizer"]]
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers={workers!r} is invalid; give an integer >= 1, or None for one per core")
     return _emulate(schedule, items["stages_jax"], items["x"], items["y"], specs, loss, dtype, stash_weights, C,
-                    compensation)
+                    compensation, workers)
 
 
 def _emulate(schedule: Schedule, stage_sets: list, xs: list, ys: list, specs: list[OptimizerSpec],
              loss: str | None, dtype: str, stash_weights: bool, C: int,
-             compensation: str = "none") -> list[EmulationResult]:
+             compensation: str = "none", workers: int | None = None) -> list[EmulationResult]:
     import jax
 
     if dtype not in DTYPES:
@@ -386,7 +390,7 @@ def _emulate(schedule: Schedule, stage_sets: list, xs: list, ys: list, specs: li
             raise ConfigError(f"{len(stages)} stages given but schedule {schedule.name!r} has {S}; "
                               f"split the model into {S} stages")
     with jax.enable_x64(dtype == "float64"):
-        results = _sweep(program, stage_sets, xs, ys, specs, loss, dtype, stash_weights, C, plan)
+        results = _sweep(program, stage_sets, xs, ys, specs, loss, dtype, stash_weights, C, plan, workers)
     for c, r in enumerate(results):
         bad = np.flatnonzero(~np.isfinite(r.loss))
         if bad.size:  # the torch reference stops at the same sample, with the same message
@@ -415,7 +419,7 @@ def _is_stage_list(obj: Sequence[Any]) -> bool:
 
 def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[OptimizerSpec],
            loss: str | None, dtype: str, stash_weights: bool, C: int,
-           plan: CompensationPlan | None = None) -> list[EmulationResult]:
+           plan: CompensationPlan | None = None, workers: int | None = None) -> list[EmulationResult]:
     import jax
     import jax.numpy as jnp
 
@@ -465,7 +469,7 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
                                              [stack([h[c % len(h)] for c in configs]) for h in hyper],
                                              pick(xs), pick(ys)))
 
-    chunks = _config_chunks(C)
+    chunks = _config_chunks(C, workers)
     if len(chunks) == 1:
         parts = [run_chunk(chunks[0])]
     else:
@@ -485,20 +489,20 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
     return results
 
 
-def _config_chunks(C: int) -> list[list[int]]:
+def _config_chunks(C: int, workers: int | None = None) -> list[list[int]]:
     """The configurations split into equal chunks, one per CPU core, to run side by side.
 
     Why: a run's scan is serial, so on the CPU backend one compiled call keeps one core busy; C
     configurations ``vmap``-ed in one call cost about C times the arithmetic of one on that core.
     Chunks run in threads (a compiled call releases the GIL), the last one padded with copies of
     configuration C-1 so all share one compiled shape. On an accelerator the ``vmap`` is the
-    parallelism: one chunk.
+    parallelism: one chunk. ``workers`` caps the chunks.
     """
     import jax
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(C, cores) if jax.default_backend() == "cpu" else 1
-    size = -(-C // workers)
+    chunks = min(C, cores, workers or cores) if jax.default_backend() == "cpu" else 1
+    size = -(-C // chunks)
     return [[min(c, C - 1) for c in range(start, start + size)] for start in range(0, C, size)]
 
 

@@ -196,6 +196,26 @@ def test_sweep_chunks_one_per_core_padded_to_one_shape(monkeypatch, cores, C, wa
     assert emulator_jax._config_chunks(C) == want
 
 
+@pytest.mark.parametrize("workers, want", [(1, [list(range(8))]), (3, [[0, 1, 2], [3, 4, 5], [6, 7, 7]])])
+def test_sweep_chunks_capped_by_workers(monkeypatch, workers, want):
+    monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert emulator_jax._config_chunks(8, workers) == want
+
+
+def test_sweep_passes_workers_on_and_refuses_bad_ones(monkeypatch):
+    sched = generate("1f1b", 2, 20)
+    stage_sets = [to_jax(mlp_stages(2, seed=s)) for s in range(2)]
+    x, y = stream(20)
+    asked = []
+    real = emulator_jax._config_chunks
+    monkeypatch.setattr(emulator_jax, "_config_chunks", lambda C, workers=None: asked.append(workers) or real(C, workers))
+    assert len(emulate_jax_sweep(sched, stage_sets, x, y, workers=1)) == 2
+    assert asked == [1]
+    with pytest.raises(ConfigError, match="workers=0 is invalid"):
+        emulate_jax_sweep(sched, stage_sets, x, y, workers=0)
+
+
 def test_sweep_chunks_on_an_accelerator_stay_one_call(monkeypatch):
     monkeypatch.setattr(emulator_jax.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
