@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate [sgd 0.03, momentum 0.01, adam 1e-3]")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream and the initial weights [0]")
     p.add_argument("--seeds", type=_positive_int, default=1, help="run K seeds (seed..seed+K-1) [1]")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="JAX on a CPU: run the seeds in at most N calls side by side, e.g. 1 when several "
+                        "emulations share the machine [one per core]")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--impl", choices=("jax", "torch"), default="jax", help="JAX emulator or the torch reference [jax]")
     p.add_argument("--compensation", default="none",
@@ -352,7 +355,8 @@ def _emulate(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 0.01)
     cfg = EmulateConfig(args.network, args.schedule, args.devices, samples=args.samples, stream=args.stream,
                         optimizer=args.optimizer, lr=lr, seed=args.seed, seeds=args.seeds, dtype=args.dtype,
-                        impl=args.impl, microbatches=args.microbatches, compensation=args.compensation)
+                        impl=args.impl, microbatches=args.microbatches, compensation=args.compensation,
+                        workers=args.workers)
     rows = emulate_vs_sequential(cfg) if args.vs_sequential else emulate(cfg)
     if args.plot is not None:
         from partime_sim.plots import plot_learning

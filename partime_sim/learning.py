@@ -31,6 +31,7 @@ class EmulateConfig:
     partition: str = "minmax"
     microbatches: int | None = None
     compensation: str = "none"  # a staleness compensation method (partime_sim.compensation)
+    workers: int | None = None  # JAX on a CPU: seeds run in at most this many calls side by side [one per core]
 
 
 def _learning_summary(result: Any) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def emulate(cfg: EmulateConfig) -> list[dict[str, Any]]:
         with jax.enable_x64(cfg.dtype == "float64"):  # float64 weights convert only in x64 mode
             results = emulate_jax_sweep(schedule, [stage_to_jax(s) for s in stage_sets], [st.x for st in streams],
                                         [st.y for st in streams], optimizer=spec, dtype=cfg.dtype,
-                                        compensation=cfg.compensation)
+                                        compensation=cfg.compensation, workers=cfg.workers)
     head = {"network": network.name, "schedule": cfg.schedule, "devices": cfg.devices, "samples": cfg.samples,
             "stream": cfg.stream, "optimizer": cfg.optimizer, "lr": cfg.lr, "impl": cfg.impl, "dtype": cfg.dtype,
             "compensation": cfg.compensation}

@@ -146,11 +146,17 @@ def test_emulate_json_same_numbers_from_both_implementations(capsys):
     assert row_j["online_accuracy"] == row_t["online_accuracy"]
 
 
-def test_emulate_seeds_and_gap_to_sequential(capsys, tmp_path):
+def test_emulate_seeds_and_gap_to_sequential(capsys, tmp_path, monkeypatch):
+    from partime_sim import emulator_jax
+
+    asked = []  # --workers reaches the sweep (the run and its sequential baseline)
+    real = emulator_jax._config_chunks
+    monkeypatch.setattr(emulator_jax, "_config_chunks", lambda C, workers=None: asked.append(workers) or real(C, workers))
     png = tmp_path / "learn.png"
     code, out, _ = run_cli(capsys, "emulate", "--network", "mlp", "--schedule", "1f1b", "--devices", "2",
-                           "--samples", "80", "--seeds", "2", "--vs-sequential", "--json", "--plot", str(png))
-    assert code == 0
+                           "--samples", "80", "--seeds", "2", "--workers", "1", "--vs-sequential", "--json",
+                           "--plot", str(png))
+    assert code == 0 and asked == [1, 1]
     rows = json.loads(out)
     assert [r["seed"] for r in rows] == [0, 1]
     assert rows[0]["final_loss"] != rows[1]["final_loss"]  # other seed: other stream and weights
