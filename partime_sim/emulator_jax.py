@@ -476,8 +476,7 @@ def _sweep(program: Program, stage_sets: list, xs: list, ys: list, specs: list[O
         with ThreadPoolExecutor(len(chunks)) as pool:
             parts = list(pool.map(run_chunk, chunks))
     out_params = jax.tree.map(lambda *a: np.concatenate(a)[:C], *[p[0] for p in parts])
-    loss_w = np.concatenate([np.asarray(p[1]).T for p in parts])[:C]  # (C, waves)
-    correct_w = np.concatenate([np.asarray(p[2]).T for p in parts])[:C]
+    loss_w, correct_w = (np.concatenate([np.asarray(p[i]).T for p in parts])[:C] for i in (1, 2))  # (C, waves)
     results = []
     for c in range(C):
         per_sample = loss_w[c, program.loss_wave]
