@@ -39,6 +39,7 @@ class CompareConfig:
     threads: int | None = 1
     baseline: bool = True  # also run (and predict) the sequential baseline, for speed-up
     learning: bool = True  # training: also emulate the run and compare the loss curves (off: timing only)
+    pin_cores: bool = True  # distributed CPU workers (and the profiler's processes) on cores of their own
 
 
 @dataclass
@@ -106,7 +107,8 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
 
     devices = parse_devices(cfg.devices)
     prof = load_profile(cfg.profile) if cfg.profile else profile(
-        cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode)
+        cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode,
+        pin_cores=cfg.pin_cores)
     S = len(devices) if cfg.schedule != "sequential" else 1
     predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
                                                          cfg.microbatches, cfg.partition, cfg.seed)
@@ -114,7 +116,7 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     run_cfg = RunConfig(cfg.network, cfg.schedule, cfg.devices, transport=cfg.transport, samples=cfg.samples,
                         mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
                         dtype=cfg.dtype, partition=",".join(map(str, partition.sizes)),
-                        microbatches=cfg.microbatches, threads=cfg.threads)
+                        microbatches=cfg.microbatches, threads=cfg.threads, pin_cores=cfg.pin_cores)
     row, result = run_config(run_cfg)
     measured = summarize(result.trace, num_devices=schedule.num_devices)
     if cfg.baseline and schedule.num_devices > 1:  # the measured sequential baseline, one device

@@ -10,7 +10,8 @@ torchrun: every rank builds the same job from the same command line (same seed, 
 same weights), runs its worker and sends its part to rank 0, which prints the result:
 ``torchrun --standalone --nproc-per-node 2 -m partime_sim.backends.launch --network mlp --schedule partime
 --devices cpu,cpu --samples 500``. Each process sets its own torch thread count (cores / local
-processes) so stages do not fight for cores.
+processes) and, on CPU, binds itself to cores of its own (``affinity.py``; ``--no-pin-cores``
+leaves that to the OS), so stages do not fight for cores.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from partime_sim.backends.affinity import bind_worker
 from partime_sim.backends.pipeline import Job, run_worker, worker_error
 from partime_sim.errors import ConfigError
 from partime_sim.backends.transport import DistributedTransport, directed_groups
@@ -101,8 +103,12 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     for job in jobs:
         check_distributed(job)
 
-    torch.set_num_threads(jobs[0].threads or _threads_per_process(local_world))
     device = torch.device(jobs[0].devices[rank])
+    threads = jobs[0].threads or _threads_per_process(local_world)
+    cores = None  # before any thread starts (torch's, gloo's): they inherit the binding
+    if device.type == "cpu" and jobs[0].pin_cores:
+        cores = bind_worker(int(os.environ.get("LOCAL_RANK", rank)), local_world, threads)
+    torch.set_num_threads(threads)
     if device.type == "cpu":
         keep_freed_memory()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -123,7 +129,7 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
             origin = common_origin_ns(rank, world, group=clock_group)
             transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank), groups)
             dist.barrier()
-            part = run_worker(job, rank, transport, origin)
+            part = {**run_worker(job, rank, transport, origin), "cores": cores}
             parts = [None] * world if rank == 0 else None
             dist.gather_object(part, parts, dst=0)
             gathered.append(parts)
@@ -194,8 +200,9 @@ def run_spawned(jobs: list[Job]) -> list[list[dict[str, Any]]]:
 
     job = jobs[0]
     world = job.workers.num_workers
-    if any(j.devices != job.devices for j in jobs):
-        raise ConfigError(f"jobs run together must share their devices; got {sorted({str(j.devices) for j in jobs})}")
+    if any((j.devices, j.pin_cores) != (job.devices, job.pin_cores) for j in jobs):
+        raise ConfigError("jobs run together must share their devices and pin_cores; got "
+                          f"{sorted({(str(j.devices), j.pin_cores) for j in jobs})}")
     for j in jobs:
         check_distributed(j)
     with tempfile.TemporaryDirectory(prefix="partime-run-") as tmp:

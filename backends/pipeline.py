@@ -136,6 +136,7 @@ class Job:
     waves: tuple[int, int] = (0, 2**62)  # run the tasks of these waves [lo, hi): a checkpoint cuts at hi
     resume: list[dict[str, Any]] | None = None  # per-rank states captured at wave lo
     cuda_graphs: bool = False  # inference forwards replayed from one CUDA graph per stage
+    pin_cores: bool = True  # distributed CPU workers: each bound to cores of its own (backends/affinity.py)
 
     def incoming(self, rank: int) -> dict[int, list[tuple[int, tuple[int, ...]]]]:
         """The messages rank receives in this job's waves (sent by tasks of those waves)."""
@@ -342,12 +343,13 @@ class RunResult(EmulationResult):
     wall_s: float = 0.0
     transport: str = "local"
     devices: list[str] = field(default_factory=list)
+    cores: list[tuple[int, ...] | None] = field(default_factory=list)  # per worker: the cores it was bound to
 
 
 def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *, devices: str | Sequence[str],
              loss: str | None = None, optimizer: OptimizerSpec | None = None, dtype: Any = "float32",
              stash_weights: bool = True, compensation: str = "none", keep_outputs: bool = False,
-             threads: int | None = None, cuda_graphs: bool = False) -> Job:
+             threads: int | None = None, cuda_graphs: bool = False, pin_cores: bool = True) -> Job:
     """Check the inputs (with the reference emulator's checks and messages) and plan the workers."""
     from partime_sim.models import check_stage_shapes
 
@@ -382,7 +384,7 @@ def make_job(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any, *,
     if cuda_graphs:
         _check_cuda_graphs(schedule, devs)
     return Job(schedule, cast, x[:N], y_np, loss, spec, dtype, stash_weights, plan, devs, wp, keep_outputs, threads,
-               cuda_graphs=bool(cuda_graphs))
+               cuda_graphs=bool(cuda_graphs), pin_cores=bool(pin_cores))
 
 
 def _check_cuda_graphs(schedule: Schedule, devices: Sequence[str]) -> None:
@@ -548,7 +550,8 @@ def assemble(job: Job, parts: Sequence[dict[str, Any]], wall_s: float, transport
         schedule=s.name, loss=losses, correct=correct, final_state=[state[k] for k in range(s.num_stages)],
         task_version=version, updates=np.array([updates[k] for k in range(s.num_stages)]),
         peak_stored=max(p["peak"] for p in parts), compensation=job.plan.name, delays=job.plan.delays,
-        trace=trace, outputs=out, wall_s=wall_s, transport=transport, devices=list(job.devices))
+        trace=trace, outputs=out, wall_s=wall_s, transport=transport, devices=list(job.devices),
+        cores=[p.get("cores") for p in sorted(parts, key=lambda p: p["rank"])])
 
 
 __all__ = ["Job", "RunResult", "TRANSPORTS", "WorkerError", "WorkerPlan", "make_job", "parse_devices",

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from partime_sim.backends.affinity import bind_worker
 from partime_sim.catalogue import PROFILE_KIND, is_profile, profile_part
 from partime_sim.cluster import Cluster, Device, Link, barrier_rounds
 from partime_sim.errors import ConfigError, PartimeError
@@ -345,13 +346,16 @@ def _whole_model_seconds(model: nn.Sequential, x: np.ndarray, y: np.ndarray, dty
 
 
 def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, samples: int,
-                       threads: int | None, rounds: int, rank: int, gate: Any, out: Any) -> None:
-    """One of N processes running the whole model at the same time, ``rounds`` times; before each
-    time rank 0 runs it alone while the others wait. Reports (rank, times alone, times together):
-    per-sample task-time sums."""
+                       threads: int | None, rounds: int, pin_cores: bool, rank: int, count: int, gate: Any,
+                       out: Any) -> None:
+    """One of ``count`` processes running the whole model at the same time, ``rounds`` times;
+    before each time rank 0 runs it alone while the others wait. Reports (rank, times alone,
+    times together): per-sample task-time sums. Bound to cores as a backend worker would be."""
     from partime_sim.torch_networks import resolve_model
 
     try:
+        if pin_cores:
+            bind_worker(rank, count, threads or 1)
         model = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).model
         x, y = _calibration_stream(model, input_shape, samples)
         alone, together = [], []
@@ -409,7 +413,7 @@ def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports
 def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, dtype: str = "float32",
                          input_shape: tuple[int, ...] | None = None, mode: str = "train", *,
                          samples: int = CALIBRATION_SAMPLES, threads: int | None = None,
-                         rounds: int = CONCURRENCY_ROUNDS, device: str = "cpu") -> float:
+                         rounds: int = CONCURRENCY_ROUNDS, device: str = "cpu", pin_cores: bool = True) -> float:
     """How much longer a task takes when ``count`` pipeline workers compute at once on ``device``.
 
     The whole model runs alone, then ``count`` copies run at the same moment as the pipeline's
@@ -448,8 +452,8 @@ def concurrency_slowdown(spec: str, count: int, transport: str, seed: int = 0, d
             together.append(sums)
     else:
         gate = mp.get_context("spawn").Barrier(count)
-        args = [(spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, rounds, rank, gate)
-                for rank in range(count)]
+        args = [(spec, seed, dtype, tuple(resolved.input_shape), mode, samples, threads, rounds, pin_cores, rank,
+                 count, gate) for rank in range(count)]
         reports = _spawned_reports(_concurrent_worker, args, count, "the concurrency measurement", "run again")
         alone = next(a for rank, a, _ in reports if rank == 0)
         together = [list(per_round) for per_round in zip(*(t for _, _, t in reports))]
@@ -501,14 +505,17 @@ class LinkProfile:
     points: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
-def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, out: Any) -> None:
+def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, pin_cores: bool,
+                 out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
     round trip / 2), times ``dist.barrier`` and the send cost under load; rank 0 reports
     ``("ok", (points, barrier_s, send_cost_s))``."""
     import torch.distributed as dist
 
     try:
-        torch.set_num_threads(1)  # as a backend stage process runs
+        if pin_cores:  # as a backend stage process runs: bound first, then one thread
+            bind_worker(rank, 2, 1)
+        torch.set_num_threads(1)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
@@ -617,8 +624,8 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
     return 0.0 if rank == 1 else max(float(np.median(extra)), 0.0)
 
 
-def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
-                  timeout_s: float = LINK_TIMEOUT_S) -> tuple[list[list[float]], float, float]:
+def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
+                  pin_cores: bool = True) -> tuple[list[list[float]], float, float]:
     """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and the
     sender's cost of a message under load (``_loaded_send_cost``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
@@ -626,7 +633,7 @@ def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int,
 
     hint = "check that loopback TCP works (GLOO_SOCKET_IFNAME), or use --transport local"
     port = free_port()
-    args = [(r, port, list(sizes), warmup, repeats) for r in range(2)]
+    args = [(r, port, list(sizes), warmup, repeats, pin_cores) for r in range(2)]
     (report,) = _spawned_reports(_link_worker, args, 1, "the gloo link measurement", hint, timeout_s)
     return report
 
@@ -693,6 +700,7 @@ def profile_links(
     *,
     warmup: int = 3,
     repeats: int = 10,
+    pin_cores: bool = True,
 ) -> LinkProfile:
     """Measure the links a pipeline over ``devices`` uses.
 
@@ -717,7 +725,7 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats)
+        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
         # thread) taken from the same cores the stages compute on: charged to the sender
         link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost)
@@ -794,6 +802,7 @@ def profile(
     mode: str = "train",
     calibrated: bool = True,
     calibration_s: float = CALIBRATION_SECONDS,
+    pin_cores: bool = True,
 ) -> Profile:
     """Profile the model ``spec`` (a catalogue name or ``path/to/module.py:factory``) on ``devices``.
 
@@ -839,7 +848,7 @@ def profile(
                    for i, lay in enumerate(first.layers))
     network = Network(f"{resolved.name}[{'+'.join(per_class)}]", layers, first.input_bytes,
                       {cls: net.class_costs[cls] for cls, net in per_class.items()})
-    links = profile_links([str(d) for d in devs], transport, link_sizes)
+    links = profile_links([str(d) for d in devs], transport, link_sizes, pin_cores=pin_cores)
     count = max(len(devs), 2)
     # workers share CPU cores, or one GPU repeated (threads and streams); distinct GPUs are taken
     # not to slow each other
@@ -848,7 +857,7 @@ def profile(
     if calibrated and (all(d.type == "cpu" for d in devs) or shared_gpu):
         slowdown = concurrency_slowdown(spec, count, transport, seed, dtype, tuple(resolved.input_shape), mode,
                                         samples=samples[device_class(devs[0])], threads=threads,
-                                        device=str(devs[0]))
+                                        device=str(devs[0]), pin_cores=pin_cores)
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
@@ -870,5 +879,6 @@ def profile(
         "barrier_per_round_s": links.barrier_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
         "jitter": jitter, "concurrency_slowdown": slowdown, "calibration_samples": samples,
+        "pin_cores": pin_cores,
     }
     return Profile(network, cluster, meta)

@@ -33,6 +33,7 @@ class RunConfig:
     input_shape: tuple[int, ...] | None = None
     threads: int | None = None
     cuda_graphs: bool = False  # inference on GPUs: each stage's forward replayed from a CUDA graph
+    pin_cores: bool = True  # distributed CPU workers: each bound to cores of its own
 
 
 def prepare(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
@@ -64,7 +65,7 @@ def prepare(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
     spec = OptimizerSpec(cfg.optimizer, lr=cfg.lr)
     job = make_job(schedule, stages, stream.x, stream.y, devices=devices, optimizer=spec, dtype=cfg.dtype,
                    compensation=cfg.compensation, keep_outputs=cfg.mode == "infer", threads=cfg.threads,
-                   cuda_graphs=cfg.cuda_graphs)
+                   cuda_graphs=cfg.cuda_graphs, pin_cores=cfg.pin_cores)
     head = {"network": network.name, "schedule": cfg.schedule, "mode": cfg.mode, "devices": len(devices),
             "stages": schedule.num_stages, "partition": list(partition.sizes), "transport": cfg.transport,
             "device_list": devices, "stream": stream_name, "dtype": cfg.dtype, "cuda_graphs": cfg.cuda_graphs}
@@ -86,7 +87,8 @@ def summary(head: dict[str, Any], result: Any, mode: str) -> dict[str, Any]:
     from partime_sim.metrics import summarize
 
     metrics = summarize(result.trace, num_devices=head["devices"])
-    row = {**head, **{k: v for k, v in metrics.items() if k != "devices"}, "wall_s": result.wall_s}
+    row = {**head, **{k: v for k, v in metrics.items() if k != "devices"}, "wall_s": result.wall_s,
+           "cores": [None if c is None else list(c) for c in result.cores]}
     if mode == "train":
         row.update(_learning_summary(result))
     return row

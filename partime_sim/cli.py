@@ -97,6 +97,11 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
 
+def _pin_cores_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-pin-cores", dest="pin_cores", action="store_false",
+                   help="CPU worker processes: leave them to the OS instead of binding each to cores of its own")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="partime-sim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sample [0]")
     p.add_argument("--calibration-seconds", type=_bounded(float, 0, False, "a number"), default=1.0,
                    help="measured length of each calibration run (at least 120 samples) [1.0]")
+    _pin_cores_flag(p)
     p.add_argument("--out", type=_json_path, default=None, help="write the profile here (FILE.json)")
     p.add_argument("--json", action="store_true", help="print the profile JSON on stdout")
 
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per worker process (distributed) [cores / processes]")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="inference on GPUs: replay each stage's forward from a captured CUDA graph")
+    _pin_cores_flag(p)
     p.add_argument("--trace", type=_trace_path, default=None, help="write the measured trace (.json Perfetto, .csv)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
@@ -229,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker [1]")
     p.add_argument("--no-learning", dest="learning", action="store_false",
                    help="training: skip the emulated vs measured loss curves (timing only, faster)")
+    _pin_cores_flag(p)
     p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
     p.add_argument("--json", action="store_true")
 
@@ -384,7 +392,7 @@ def _run(args: argparse.Namespace) -> int:
                     mode=args.mode, stream=args.stream, optimizer=args.optimizer, lr=lr, seed=args.seed,
                     dtype=args.dtype, partition=args.partition, microbatches=args.microbatches,
                     compensation=args.compensation, input_shape=args.input_shape, threads=args.threads,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, pin_cores=args.pin_cores)
     row, result = run_config(cfg)
     if row is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -405,7 +413,7 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = CompareConfig(args.network, args.schedule, args.devices, samples=args.samples, mode=args.mode,
                         transport=args.transport, profile=args.profile, optimizer=args.optimizer, lr=lr,
                         seed=args.seed, microbatches=args.microbatches, partition=args.partition,
-                        threads=args.threads, learning=args.learning)
+                        threads=args.threads, learning=args.learning, pin_cores=args.pin_cores)
     result = compare(cfg)
     if args.out is not None:
         write_report(result, args.out)
@@ -426,7 +434,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     prof = profile(args.network, args.device.split(","), transport=args.transport, dtype=args.dtype,
                    input_shape=args.input_shape, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
-                   threads=args.threads, calibration_s=args.calibration_seconds, mode=args.mode)
+                   threads=args.threads, calibration_s=args.calibration_seconds, mode=args.mode,
+                   pin_cores=args.pin_cores)
     if args.out is not None:
         prof.save(args.out)
     if args.json:

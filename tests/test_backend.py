@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from partime_sim.backends.affinity import worker_cores
 from partime_sim.backends.faults import FailAt
 from partime_sim.backends.launch import run_spawned
 from partime_sim.backends.pipeline import WorkerError, assemble, make_job, run_pipeline
@@ -215,18 +216,32 @@ def _emulated_final_loss(capsys) -> float:
     return json.loads(capsys.readouterr().out)[0]["final_loss"]
 
 
+def _bound_cores(workers: int) -> list[list[int] | None]:
+    """The cores each distributed CPU worker of ``run`` (default threads) is bound to here."""
+    if not hasattr(os, "sched_getaffinity"):
+        return [None] * workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = [worker_cores(r, workers, threads, os.sched_getaffinity(0)) for r in range(workers)]
+    return [None if c is None else list(c) for c in cores]
+
+
 def test_cli_run_prints_simulate_and_emulate_keys_and_the_emulated_final_loss(capsys, tmp_path) -> None:
     expected = _emulated_final_loss(capsys)
-    for transport in ("local", "distributed"):
-        trace = tmp_path / f"{transport}.csv"
+    for transport, pin in (("local", []), ("distributed", []), ("distributed", ["--no-pin-cores"])):
+        trace = tmp_path / f"{transport}{len(pin)}.csv"
         assert main(["run", *FLAGS, "--devices", "cpu,cpu", "--transport", transport, "--json",
-                     "--trace", str(trace)]) == 0
+                     "--trace", str(trace), *pin]) == 0
         row = json.loads(capsys.readouterr().out)
         assert row["final_loss"] == expected  # same float, bit for bit
         for key in ("throughput_sps", "makespan_s", "utilization", "bubble_fraction", "latency_p50_s",
                     "latency_p99_s", "mean_loss_last_10pct", "online_accuracy", "loss_curve"):
             assert key in row
         assert row["samples"] == 120 and trace.stat().st_size > 0
+        # distributed CPU workers are bound to cores of their own unless told not to
+        bound = transport == "distributed" and not pin
+        assert row["cores"] == (_bound_cores(2) if bound else [None, None])
+        if bound and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == os.cpu_count() >= 2:
+            assert row["cores"][0] and set(row["cores"][0]).isdisjoint(row["cores"][1])
 
 
 def test_cli_run_errors_are_one_line(capsys) -> None:
@@ -245,6 +260,7 @@ def test_torchrun_command_from_the_readme(capsys) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1 and rows[0]["final_loss"] == expected and rows[0]["transport"] == "distributed"
+    assert rows[0]["cores"] == _bound_cores(2)  # bound by LOCAL_RANK, as the spawned workers are
 
 
 @pytest.mark.parametrize("name,S,comp", [("partime", 3, "none"), ("1f1b", 3, "predict"), ("layerpipe", 2, "ema"),

@@ -244,8 +244,9 @@ def test_profile_a_factory_module(tmp_path):
 def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
     path = tmp_path / "mlp.json"
     assert main(["profile", "--network", "mlp", "--device", "cpu", "--repeats", "3", "--warmup", "1",
-                 "--calibration-seconds", "0", "--mode", "infer", "--out", str(path)]) == 0
+                 "--calibration-seconds", "0", "--mode", "infer", "--no-pin-cores", "--out", str(path)]) == 0
     out = capsys.readouterr().out
+    assert load_profile(path).meta["pin_cores"] is False  # its processes left to the OS, as asked
     assert load_profile(path).meta["calibration_samples"] == {"cpu": 120}
     assert load_profile(path).meta["mode"] == "infer"  # calibrated on inference runs
     assert "fc7" in out and "latency" in out and f"--network {path} --cluster {path}" in out
@@ -363,7 +364,7 @@ def test_concurrent_worker_reports_every_round_alone_on_rank_zero_only() -> None
 
     for rank in (0, 1):
         out: queue.Queue = queue.Queue()
-        _concurrent_worker("mlp", 0, "float32", (32,), "train", 16, 1, 3, rank, threading.Barrier(1), out)
+        _concurrent_worker("mlp", 0, "float32", (32,), "train", 16, 1, 3, False, rank, 2, threading.Barrier(1), out)
         status, (got_rank, alone, together) = out.get_nowait()
         assert status == "ok" and got_rank == rank
         assert len(together) == 3 and min(together) > 0
