@@ -60,7 +60,9 @@ LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
 BARRIER_COMPUTE_S = 3e-4  # each barrier round: both processes compute this long first...
-BARRIER_SKEWS_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3)  # ...and the last arrival this much longer, cycling
+BARRIER_SKEWS_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3)  # ...and the last arrival this much longer, cycling (default)
+BARRIER_SKEW_POINTS = 10  # a network's tick: that many quantiles of its stages' arrival skew (tick_skews)
+BARRIER_MAX_SKEW_S = 5e-3  # ...each at most this long (a skew beyond costs what this one does)
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
@@ -339,6 +341,14 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
     return calibrated, (float(overhead[0]), float(overhead[1]), float(overhead[2])), jitter
 
 
+def _sample_seconds(network: Network, cls: str, overhead: tuple[float, float, float], mode: str) -> float:
+    """One sample's compute through the whole calibrated network as one stage, in ``mode``."""
+    cost = network.costs(cls, 1.0)
+    if mode == "infer":
+        return float(cost[:, 0].sum()) + overhead[0]
+    return float(cost.sum() + network.opt_costs(1.0).sum()) + sum(overhead)
+
+
 def _whole_model_seconds(model: nn.Sequential, x: np.ndarray, y: np.ndarray, dtype: str, mode: str,
                          threads: int | None, device: str = "cpu") -> float:
     """Per-sample task time of one ``sequential`` backend run of the whole model (one stage)."""
@@ -506,7 +516,7 @@ class LinkProfile:
 
 
 def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, pin_cores: bool,
-                 out: Any) -> None:
+                 skews: Sequence[float], out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
     round trip / 2), times ``dist.barrier`` and the send cost under load; rank 0 reports
     ``("ok", (points, barrier_s, send_cost_s))``."""
@@ -534,7 +544,7 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                 if i >= warmup:
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
-        barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup)
+        barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup, skews)
         send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
@@ -544,19 +554,37 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
 
 
-def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int) -> float:
+def tick_skews(stage_s: float, cv: float, points: int = BARRIER_SKEW_POINTS) -> tuple[float, ...]:
+    """How much later the last of two stages reaches a lockstep tick's barrier: ``points``
+    quantiles of |X - Y|, X and Y a stage's compute time ``stage_s`` drawn with coefficient of
+    variation ``cv`` (lognormal with mean ``stage_s``, as the simulator draws them), each at most
+    ``BARRIER_MAX_SKEW_S``. Seeded: the same inputs give the same skews."""
+    if not (stage_s > 0 and cv > 0):
+        return (0.0,)
+    sigma = math.sqrt(math.log1p(cv * cv))
+    x = stage_s * np.random.default_rng(0).lognormal(-0.5 * sigma * sigma, sigma, (2, 4096))
+    skews = np.quantile(np.abs(x[0] - x[1]), (np.arange(points) + 0.5) / points)
+    return tuple(float(s) for s in np.minimum(skews, BARRIER_MAX_SKEW_S))
+
+
+def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int,
+                           skews: Sequence[float] = BARRIER_SKEWS_S) -> float:
     """Seconds a lockstep tick's barrier costs its last arrival (rank 0's mean; 0 on rank 1).
     ``dist`` is ``torch.distributed`` or a worker's ``LocalTransport``: anything with ``barrier()``.
 
     Back-to-back barriers (nothing between them) under-state it two- to threefold on a VM: in a
     tick both processes compute first, and the one that arrives early blocks, its core goes
-    idle and has to be woken when the last one arrives. So each round both compute
-    ``BARRIER_COMPUTE_S``, rank 0 ``BARRIER_SKEWS_S[i]`` longer (cycling: balanced stages to one
-    idle for milliseconds), then meet at the barrier; rank 0's wait is the tick's cost.
-    Median of ``BARRIER_BLOCKS`` block means: a lockstep run pays the tail, not a stall."""
+    idle and has to be woken when the last one arrives; and two that arrive within ~0.05 ms of
+    each other stall now and then for a scheduler slice (3-4 ms; a 0.2 ms barrier then averages
+    ~1 ms, against 0.15-0.25 ms at skews of 0.1 ms and more, measured with bound processes). So
+    each round both compute ``BARRIER_COMPUTE_S``, rank 0 ``skews[i]`` longer (cycling: a
+    network's ``tick_skews``; by default from balanced stages to one idle for milliseconds),
+    then meet at the barrier; rank 0's wait is the tick's cost (what the simulator charges
+    after the last arrival). Median of ``BARRIER_BLOCKS`` block means: a lockstep run pays the
+    tail, not a stall."""
     waits = []
     for i in range(rounds):
-        _busy(BARRIER_COMPUTE_S + (BARRIER_SKEWS_S[i % len(BARRIER_SKEWS_S)] if rank == 0 else 0.0))
+        _busy(BARRIER_COMPUTE_S + (skews[i % len(skews)] if rank == 0 else 0.0))
         t0 = time.perf_counter_ns()
         dist.barrier()
         if i >= warmup:
@@ -625,7 +653,8 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
-                  pin_cores: bool = True) -> tuple[list[list[float]], float, float]:
+                  pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
+                  ) -> tuple[list[list[float]], float, float]:
     """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and the
     sender's cost of a message under load (``_loaded_send_cost``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
@@ -633,12 +662,13 @@ def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: fl
 
     hint = "check that loopback TCP works (GLOO_SOCKET_IFNAME), or use --transport local"
     port = free_port()
-    args = [(r, port, list(sizes), warmup, repeats, pin_cores) for r in range(2)]
+    args = [(r, port, list(sizes), warmup, repeats, pin_cores, tuple(skews)) for r in range(2)]
     (report,) = _spawned_reports(_link_worker, args, 1, "the gloo link measurement", hint, timeout_s)
     return report
 
 
-def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+def _measure_handoff(device: torch.device, warmup: int, repeats: int,
+                     skews: Sequence[float] = BARRIER_SKEWS_S) -> tuple[float, float]:
     """Local transport: one-way seconds of handing a tensor to another worker thread through the
     backend's own ``LocalTransport`` (round trip / 2; no copy on one device), and seconds of its
     two-worker barrier. A failing echo thread aborts the hub, so nothing waits forever."""
@@ -653,7 +683,7 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[f
         try:
             for i in range(rounds):
                 peer.send(2 * i + 1, 0, peer.recv(2 * i, 0, tuple(item.shape), item.dtype))
-            _barrier_after_compute(1, peer, barriers, warmup)
+            _barrier_after_compute(1, peer, barriers, warmup, skews)
         except BaseException:
             hub.abort()
             raise
@@ -666,7 +696,7 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int) -> tuple[f
         main.send(2 * i, 1, item)
         main.recv(2 * i + 1, 1, tuple(item.shape), item.dtype)
         hand.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
-    wait = _barrier_after_compute(0, main, barriers, warmup)
+    wait = _barrier_after_compute(0, main, barriers, warmup, skews)
     worker.join()
     return float(np.median(hand[warmup:])), wait
 
@@ -701,6 +731,7 @@ def profile_links(
     warmup: int = 3,
     repeats: int = 10,
     pin_cores: bool = True,
+    barrier_skews: Sequence[float] = BARRIER_SKEWS_S,
 ) -> LinkProfile:
     """Measure the links a pipeline over ``devices`` uses.
 
@@ -713,6 +744,9 @@ def profile_links(
     CUDA (untested without a GPU): the host link is fitted from pinned host -> device copies and
     each pair of distinct GPUs from device -> device copies; a pipeline of several processes or
     threads on one GPU costs the handoff only (distributed NCCL cannot pair two ranks on one GPU).
+    The barrier is timed with its last arrival late by ``barrier_skews`` in turn (a network's
+    ``tick_skews``; by default from 0 to 3 ms); ``pin_cores`` binds the two processes as the
+    backend binds its workers.
     """
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
@@ -723,9 +757,9 @@ def profile_links(
         raise ConfigError(f"sizes={sizes!r}: give at least two message sizes >= 1 byte")
     if all(d.type == "cpu" for d in devs):
         if transport == "local":
-            handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
+            handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores)
+        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores, skews=barrier_skews)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
         # thread) taken from the same cores the stages compute on: charged to the sender
         link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost)
@@ -733,7 +767,7 @@ def profile_links(
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")
     host_pts = _copy_points(torch.device("cpu"), devs[0], sizes, warmup, repeats)
-    handoff, barrier = _measure_handoff(devs[0], warmup, repeats)
+    handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
     pairs, points = {}, {"host->" + str(devs[0]): host_pts}
     for i, src in enumerate(devs):
         for j, dst in enumerate(devs):
@@ -848,8 +882,12 @@ def profile(
                    for i, lay in enumerate(first.layers))
     network = Network(f"{resolved.name}[{'+'.join(per_class)}]", layers, first.input_bytes,
                       {cls: net.class_costs[cls] for cls, net in per_class.items()})
-    links = profile_links([str(d) for d in devs], transport, link_sizes, pin_cores=pin_cores)
     count = max(len(devs), 2)
+    skews = BARRIER_SKEWS_S
+    if calibrated:  # a lockstep tick of this network: its stages' compute, drawn with the measured spread
+        cls = device_class(devs[0])
+        skews = tick_skews(_sample_seconds(per_class[cls], cls, overheads[cls], mode) / count, jitter[cls])
+    links = profile_links([str(d) for d in devs], transport, link_sizes, pin_cores=pin_cores, barrier_skews=skews)
     # workers share CPU cores, or one GPU repeated (threads and streams); distinct GPUs are taken
     # not to slow each other
     shared_gpu = transport == "local" and len(devs) > 1 and len(set(map(str, devs))) == 1 and devs[0].type == "cuda"
@@ -879,6 +917,6 @@ def profile(
         "barrier_per_round_s": links.barrier_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
         "jitter": jitter, "concurrency_slowdown": slowdown, "calibration_samples": samples,
-        "pin_cores": pin_cores,
+        "pin_cores": pin_cores, "barrier_skews_s": list(skews),
     }
     return Profile(network, cluster, meta)

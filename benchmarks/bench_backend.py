@@ -4,10 +4,12 @@ Distributed transport, gloo, one process and one core per stage.
 (a) 2 pipeline stages vs the sequential baseline on a balanced conv net (goal >= 1.8x);
 (b) one hop of the backend's ``DistributedTransport`` vs a raw ``torch.distributed`` send/recv
 of the same tensor (goal <= 1.5x); (c) this backend vs ``torch.distributed.pipelining`` on the
-same stages (gpipe and 1f1b with microbatches; a stream of single samples).
+same stages (gpipe and 1f1b with microbatches; a stream of single samples); (d) worker processes
+bound to a core each (the default) vs left to the OS (``--no-pin-cores``), on the accuracy set's
+small networks.
 
 Run: python benchmarks/bench_backend.py [--quick]   (prints Markdown for BENCHMARKS.md)
-     [--parts abc] (a subset of the three parts) [--malloc-diagnostic] (every worker process runs
+     [--parts abcd] (a subset of the four parts) [--malloc-diagnostic] (every worker process runs
      with glibc told to keep freed memory instead of returning it to the OS: shows what the fresh
      page faults of newly allocated receive buffers cost; not how the backend runs by default)
 
@@ -331,10 +333,43 @@ def vs_torch(quick: bool) -> list[str]:
     return lines
 
 
+# ---- (d) workers bound to cores vs left to the OS ----------------------------------------------------
+BINDING_RUNS = [("lenet", "partime", "train", None), ("lenet", "partime-async", "train", None),
+                ("lenet", "1f1b", "train", None), ("lenet", "gpipe", "train", 8), ("lenet", "partime", "infer", None),
+                ("mlp", "1f1b", "train", None)]
+
+
+def binding(quick: bool) -> list[str]:
+    """Per repeat, each setting (bound, unbound) runs every configuration in one start-up;
+    ratio = bound samples/s / unbound samples/s within the repeat. The accuracy set's sizes."""
+    from partime_sim.backends.launch import run_spawned
+    from partime_sim.backends.pipeline import assemble
+    from partime_sim.backends.run import RunConfig, prepare
+    from partime_sim.metrics import summarize
+
+    repeats, div = (1, 4) if quick else (5, 1)
+    sps: dict[bool, list[list[float]]] = {True: [], False: []}
+    for _ in range(repeats):
+        for pin in (True, False):
+            jobs = [prepare(RunConfig(net, sched, "cpu,cpu", transport="distributed", mode=mode, threads=1,
+                                      samples=(300 if mode == "train" else 400) // div, microbatches=mb,
+                                      pin_cores=pin))[0] for net, sched, mode, mb in BINDING_RUNS]
+            sps[pin].append([summarize(assemble(j, p, 0.0, "distributed").trace)["throughput_sps"]
+                             for j, p in zip(jobs, run_spawned(jobs))])
+    lines = ["| network | schedule | mode | bound samples/s (median) | unbound samples/s (median) | "
+             "**bound / unbound** (median, min-max) |", "|---|---|---|---|---|---|"]
+    for i, (net, sched, mode, mb) in enumerate(BINDING_RUNS):
+        bound, free = [r[i] for r in sps[True]], [r[i] for r in sps[False]]
+        ratios = [b / f for b, f in zip(bound, free)]
+        lines.append(f"| {net} | {sched}{f' (M={mb})' if mb else ''} | {mode} | {_median(bound):,.0f} | "
+                     f"{_median(free):,.0f} | **{_median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
-    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab' (default: abc)")
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ab' (default: abcd)")
     parser.add_argument("--malloc-diagnostic", action="store_true",
                         help=f"run every worker process with {MALLOC_ENV} (a diagnostic, not the default)")
     args = parser.parse_args()
@@ -353,6 +388,9 @@ def main() -> None:
     if "c" in args.parts:
         print("\n### (c) this backend vs torch.distributed.pipelining (gloo, 2 processes, 1 thread each)\n")
         print("\n".join(vs_torch(args.quick)))
+    if "d" in args.parts:
+        print("\n### (d) workers bound to a core each (default) vs left to the OS (2 processes, 1 thread each)\n")
+        print("\n".join(binding(args.quick)))
     print(f"\n(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 
 

@@ -149,13 +149,24 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
     monkeypatch.setattr(profiler, "time", SimpleNamespace(perf_counter_ns=lambda: clock_ns[0]))
     monkeypatch.setattr(profiler, "_busy", busy)
     monkeypatch.setattr(profiler, "BARRIER_COMPUTE_S", 2e-4)
-    monkeypatch.setattr(profiler, "BARRIER_SKEWS_S", (0.0, 2e-3))
-    assert profiler._barrier_after_compute(0, FakeDist, rounds=12, warmup=2) == pytest.approx(1e-3, rel=1e-9)
+    assert profiler._barrier_after_compute(0, FakeDist, rounds=12, warmup=2, skews=(0.0, 2e-3)) == \
+        pytest.approx(1e-3, rel=1e-9)
     # rank 0 computes before each barrier, later by the cycling skew
     assert events == [2e-4, "barrier", 2e-4 + 2e-3, "barrier"] * 6
     events.clear()
-    assert profiler._barrier_after_compute(1, FakeDist, rounds=3, warmup=0) == 0.0
+    assert profiler._barrier_after_compute(1, FakeDist, rounds=3, warmup=0, skews=(0.0, 2e-3)) == 0.0
     assert events == [2e-4, "barrier"] * 3  # rank 1 without the skew
+
+
+def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap():
+    from partime_sim.backends.profiler import BARRIER_MAX_SKEW_S, tick_skews
+
+    skews = tick_skews(2e-4, 0.27, points=10)
+    assert len(skews) == 10 and list(skews) == sorted(skews) and skews == tick_skews(2e-4, 0.27, points=10)
+    # |X - Y| of two lognormal stage times: its median is ~0.95 sigma * stage time for a small spread
+    assert 0.5 * 0.27 * 2e-4 < np.median(skews) < 1.5 * 0.27 * 2e-4
+    assert tick_skews(2e-4, 0.0) == (0.0,) == tick_skews(0.0, 0.3)  # no spread: the stages arrive together
+    assert max(tick_skews(1.0, 0.5)) == BARRIER_MAX_SKEW_S  # long ticks: capped
 
 
 def test_busy_keeps_computing_for_the_time_asked():
