@@ -16,8 +16,7 @@ Calibration then replaces these with what real backend runs spend (``calibrate``
 medians, because a throughput pays every slow task. On CPU the profile also measures what a
 pipeline adds to isolated timings: the slowdown of workers computing at once
 (``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's cost,
-and the cost of a message to its sender while both ends compute (``Link.send_cost_s``) with its
-latency then (``Link.latency_s``, where above an idle ping-pong's).
+and the cost of a message to its sender while both ends compute (``Link.send_cost_s``).
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ TRANSPORTS = ("distributed", "local")
 LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
 LOADED_STEPS = 600  # compute steps of ~0.2 ms each for the send cost under load
-LOADED_LAG_FAR, LOADED_LAG_NEAR = 16, 2  # ...with the gradient awaited that many steps back
 SEND_COST_PAIRS = 5  # (with, without messages) timings of the send cost; the median difference counts
 LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
@@ -521,7 +519,7 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                  skews: Sequence[float], out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
     round trip / 2), times ``dist.barrier`` and the send cost under load; rank 0 reports
-    ``("ok", (points, barrier_s, send_cost_s, loaded_latency_s))``."""
+    ``("ok", (points, barrier_s, send_cost_s))``."""
     import torch.distributed as dist
 
     try:
@@ -547,10 +545,10 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
         barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup, skews)
-        send_cost, loaded_latency = _loaded_message(rank, dist)
+        send_cost = _loaded_send_cost(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", (points, barrier, send_cost, loaded_latency)))
+            out.put(("ok", (points, barrier, send_cost)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
@@ -603,37 +601,18 @@ def _busy(seconds: float) -> None:
         torch.mm(a, a)
 
 
-def loaded_link(compute_s: tuple[float, float], extra_far_s: float, extra_near_s: float,
-                near: int = LOADED_LAG_NEAR) -> tuple[float, float]:
-    """(send cost, one-way latency) of a message while both ends compute, from the mini pipeline
-    of ``_loaded_message``: ``compute_s`` = each rank's step without messages, ``extra_far_s`` =
-    rank 0's extra time per step when it waits for a gradient many steps back (never stalls: the
-    sender's cost alone), ``extra_near_s`` = the same ``near`` steps back (1F1B). Near, rank 0's
-    step P is max(c0 + s, (c0 + c1 + 2s + 2L) / near): the gradient of step i, sent back after
-    the activation's trip, rank 1's compute and its own send cost, is due at step i + near. So
-    a stalled P gives L = (near P - c0 - c1 - 2s) / 2; an unstalled one says only L <= that
-    bound and gives 0 (the idle ping-pong's latency then stands)."""
-    c0, c1 = compute_s
-    send = max(extra_far_s, 0.0)
-    period = c0 + max(extra_near_s, 0.0)
-    if period <= c0 + send:
-        return send, 0.0
-    return send, max((near * period - c0 - c1 - 2 * send) / 2, 0.0)
+def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
+    """Seconds a message costs its sender while both processes compute, as in a pipeline.
 
-
-def _loaded_message(rank: int, dist: Any, steps: int = LOADED_STEPS) -> tuple[float, float]:
-    """(send cost, latency) of a message while both processes compute, as in a pipeline
-    (rank 0; (0, 0) on rank 1), by ``loaded_link``.
-
-    A ping-pong between idle processes misses both: in a pipeline every core is busy, and the
-    communication threads have to take a core from a computing stage. The two ranks run a
+    A ping-pong between idle processes misses it: in a pipeline every core is busy, the
+    receiver's communication thread has to be scheduled in, and a receiver that blocked (its
+    core idle) has to be woken, which on some VMs takes milliseconds. The two ranks run a
     2-stage training pipeline in miniature: every step rank 0 computes ~0.2 ms and sends an
     "activation"; rank 1 receives it, computes half as long and sends a "gradient" back, which
-    rank 0 receives ``LOADED_LAG_FAR`` steps later (never waits: the extra time per step is the
-    message's cost to its sender) or ``LOADED_LAG_NEAR`` steps later (two samples in flight, as
-    in 1F1B: the round trip shows). The same steps are timed without messages. Medians over
-    ``SEND_COST_PAIRS`` alternating (without, far, near) timings: one alone was at the mercy of a
-    slow phase of the machine (it moved this cost 0.09..0.41 ms between profiles)."""
+    rank 0 receives two steps later (two samples in flight, as in 1F1B). The same steps are
+    timed without messages. Rank 0 sends one message and receives one per step: its mean extra
+    time per step (median over ``SEND_COST_PAIRS`` alternating pairs of timings) is the cost of a
+    message at both ends, charged to the sender (>= 0)."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
     peer = 1 - rank
@@ -642,17 +621,15 @@ def _loaded_message(rank: int, dist: Any, steps: int = LOADED_STEPS) -> tuple[fl
         for _ in range(8 if rank == 0 else 4):  # stages off a pipeline's bottleneck do
             torch.mm(a, a)
 
-    def timed(lag: int | None) -> float:  # lag None: no messages
+    def timed(send: bool) -> float:
         dist.barrier()
         times, pending = [], []
-        send = lag is not None
-        ahead = min(LOOKAHEAD_RECV + (lag or 0), steps)  # a receive is posted for every message in flight
-        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(ahead)] if send else []
-        expected = steps if rank == 1 else steps - (lag or 0)  # rank 0 leaves the last gradients behind
+        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(min(LOOKAHEAD_RECV, steps))] if send else []
+        expected = steps if rank == 1 else steps - 2  # rank 0 leaves the last two gradients behind
         received = 0
         for i in range(steps):
             t0 = time.perf_counter_ns()
-            if send and received < expected and (rank == 1 or i >= lag):
+            if send and received < expected and (rank == 1 or i >= 2):
                 posted.pop(0).wait()
                 received += 1
                 if received + len(posted) < steps:
@@ -663,33 +640,23 @@ def _loaded_message(rank: int, dist: Any, steps: int = LOADED_STEPS) -> tuple[fl
             times.append(time.perf_counter_ns() - t0)
         for work in posted:  # the gradients rank 0 did not wait for in the loop
             work.wait()
-        for _ in range(steps - received - len(posted) if send else 0):
-            dist.recv(torch.empty_like(msg), peer)
         for work in pending:
             work.wait()
         return float(np.mean(times[steps // 4:])) * 1e-9
 
     for _ in range(2):  # warm-up
-        timed(None)
-    alone, far, near = [], [], []
-    for _ in range(SEND_COST_PAIRS):
-        alone.append(timed(None))
-        far.append(timed(LOADED_LAG_FAR) - alone[-1])
-        near.append(timed(LOADED_LAG_NEAR) - alone[-1])
-    mine = torch.tensor([float(np.median(alone))], dtype=torch.float64)
-    if rank == 1:  # rank 0 needs this rank's compute per step
-        dist.send(mine, 0)
-        return 0.0, 0.0
-    theirs = torch.zeros(1, dtype=torch.float64)
-    dist.recv(theirs, 1)
-    return loaded_link((float(mine), float(theirs)), float(np.median(far)), float(np.median(near)))
+        timed(False)
+    # one pair is at the mercy of a slow phase of the machine (it moved this cost 0.09..0.41 ms
+    # between profiles): alternate the two, several pairs, and keep the median difference
+    extra = [timed(True) - timed(False) for _ in range(SEND_COST_PAIRS)]
+    return 0.0 if rank == 1 else max(float(np.median(extra)), 0.0)
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
                   pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
-                  ) -> tuple[list[list[float]], float, float, float]:
-    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds, and the
-    sender's cost and the latency of a message under load (``_loaded_message``).
+                  ) -> tuple[list[list[float]], float, float]:
+    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and the
+    sender's cost of a message under load (``_loaded_send_cost``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
@@ -792,14 +759,10 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier, send_cost, loaded_latency = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores,
-                                                                   skews=barrier_skews)
+        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores, skews=barrier_skews)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
-        # thread) taken from the same cores the stages compute on: charged to the sender; a
-        # message between computing processes arrives later than between idle ones
-        fitted = fit_link(*zip(*points))
-        link = dataclasses.replace(fitted, sender_busy=True, send_cost_s=send_cost,
-                                   latency_s=max(fitted.latency_s, loaded_latency))
+        # thread) taken from the same cores the stages compute on: charged to the sender
+        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost)
         return LinkProfile(link, Link(), barrier, points={"cpu->cpu": points})
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")

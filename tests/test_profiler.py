@@ -158,17 +158,6 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
     assert events == [2e-4, "barrier"] * 3  # rank 1 without the skew
 
 
-def test_loaded_link_recovers_the_send_cost_and_latency_the_mini_pipeline_ran_with():
-    from partime_sim.backends.profiler import loaded_link
-
-    c0, c1, s, lat = 2e-4, 1e-4, 0.25e-3, 0.3e-3
-    near_period = max(c0 + s, (c0 + c1 + 2 * s + 2 * lat) / 2)  # rank 0's step, the gradient 2 steps back
-    assert loaded_link((c0, c1), s, near_period - c0) == pytest.approx((s, lat), rel=1e-12)
-    # no stall two steps back: the latency is not seen (0); a negative extra is noise, not a gain
-    assert loaded_link((c0, c1), s, s) == (s, 0.0)
-    assert loaded_link((c0, c1), -1e-5, -1e-5) == (0.0, 0.0)
-
-
 def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap():
     from partime_sim.backends.profiler import BARRIER_MAX_SKEW_S, tick_skews
 
