@@ -95,9 +95,11 @@ def check_distributed(job: Job) -> None:
 
 
 def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | None,
-                   local_world: int) -> list[list[dict]] | None:
+                   local_world: int, local_rank: int | None = None) -> list[list[dict]] | None:
     """Run one rank of each job in turn, in one process group made here; rank 0 returns every
-    job's parts (one per rank). Several jobs share one start-up (tests, sweeps)."""
+    job's parts (one per rank). Several jobs share one start-up (tests, sweeps). ``local_rank``
+    (default ``rank``) picks this process's cores among the ``local_world`` on its host: a
+    worker spawned here is its own; torchrun says it in ``LOCAL_RANK``."""
     import torch.distributed as dist
 
     for job in jobs:
@@ -107,7 +109,7 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     threads = jobs[0].threads or _threads_per_process(local_world)
     cores = None  # before any thread starts (torch's, gloo's): they inherit the binding
     if device.type == "cpu" and jobs[0].pin_cores:
-        cores = bind_worker(int(os.environ.get("LOCAL_RANK", rank)), local_world, threads)
+        cores = bind_worker(rank if local_rank is None else local_rank, local_world, threads)
     torch.set_num_threads(threads)
     if device.type == "cpu":
         keep_freed_memory()

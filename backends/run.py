@@ -115,7 +115,7 @@ def run_config(cfg: RunConfig) -> tuple[dict[str, Any] | None, Any]:
             raise ConfigError(f"torchrun started {world} processes but the schedule runs on "
                               f"{job.workers.num_workers} devices; use --nproc-per-node {job.workers.num_workers}")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        gathered = worker_process([job], rank, world, None, local_world)
+        gathered = worker_process([job], rank, world, None, local_world, int(os.environ.get("LOCAL_RANK", rank)))
         if rank != 0:
             return None, None
         parts = gathered[0]
