@@ -342,11 +342,13 @@ def calibrate(network: Network, model: nn.Sequential, input_shape: Sequence[int]
 
 
 def _sample_seconds(network: Network, cls: str, overhead: tuple[float, float, float], mode: str) -> float:
-    """One sample's compute through the whole calibrated network as one stage, in ``mode``."""
-    cost = network.costs(cls, 1.0)
-    if mode == "infer":
-        return float(cost[:, 0].sum()) + overhead[0]
-    return float(cost.sum() + network.opt_costs(1.0).sum()) + sum(overhead)
+    """One sample's compute through the whole calibrated network as one stage, in ``mode``: the
+    partitioner's stage cost on one device of class ``cls``, plus its tasks' overheads."""
+    from partime_sim.partition import Partition, stage_times
+
+    whole = Partition((0, network.num_layers), (0,))
+    compute = float(stage_times(network, Cluster(cls, (Device(cls, cls),)), whole, mode)[0])
+    return compute + (overhead[0] if mode == "infer" else sum(overhead))
 
 
 def _whole_model_seconds(model: nn.Sequential, x: np.ndarray, y: np.ndarray, dtype: str, mode: str,
