@@ -16,7 +16,8 @@ Calibration then replaces these with what real backend runs spend (``calibrate``
 medians, because a throughput pays every slow task. On CPU the profile also measures what a
 pipeline adds to isolated timings: the slowdown of workers computing at once
 (``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's cost,
-and the cost of a message to its sender while both ends compute (``Link.send_cost_s``).
+and the cost of a message to its sender and its receiver while both compute
+(``Link.send_cost_s``, ``Link.recv_cost_s``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ TRANSPORTS = ("distributed", "local")
 # one-way message sizes for the link fit: 4 B .. 16 MiB in powers of 4 (latency- to bandwidth-bound)
 LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
-LOADED_STEPS = 600  # compute steps of ~0.2 ms each for the send cost under load
-SEND_COST_PAIRS = 5  # (with, without messages) timings of the send cost; the median difference counts
+MESSAGE_STEPS = 600  # compute steps of ~0.2 ms each for the cost of a message at each end under load
+MESSAGE_COST_PAIRS = 9  # (with, without messages) timings of it; the median difference counts
 LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
 BARRIER_COMPUTE_S = 3e-4  # each barrier round: both processes compute this long first...
 BARRIER_SKEWS_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3)  # ...and the last arrival this much longer, cycling (default)
 BARRIER_SKEW_POINTS = 10  # a network's tick: that many quantiles of its stages' arrival skew (tick_skews)
-BARRIER_MAX_SKEW_S = 5e-3  # ...each at most this long (a skew beyond costs what this one does)
+BARRIER_MIN_SKEW_S = 1e-4  # ...each at least this long (see tick_skews)
+BARRIER_MAX_SKEW_S = 5e-3  # ...and at most this long (a skew beyond costs what this one does)
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
@@ -520,8 +522,8 @@ class LinkProfile:
 def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, pin_cores: bool,
                  skews: Sequence[float], out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
-    round trip / 2), times ``dist.barrier`` and the send cost under load; rank 0 reports
-    ``("ok", (points, barrier_s, send_cost_s))``."""
+    round trip / 2), times ``dist.barrier`` and a message's cost at each end under load; rank 0
+    reports ``("ok", (points, barrier_s, (send_cost_s, recv_cost_s)))``."""
     import torch.distributed as dist
 
     try:
@@ -547,10 +549,10 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
         barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup, skews)
-        send_cost = _loaded_send_cost(rank, dist)
+        costs = _message_costs(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", (points, barrier, send_cost)))
+            out.put(("ok", (points, barrier, costs)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
@@ -559,14 +561,21 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
 def tick_skews(stage_s: float, cv: float, points: int = BARRIER_SKEW_POINTS) -> tuple[float, ...]:
     """How much later the last of two stages reaches a lockstep tick's barrier: ``points``
     quantiles of |X - Y|, X and Y a stage's compute time ``stage_s`` drawn with coefficient of
-    variation ``cv`` (lognormal with mean ``stage_s``, as the simulator draws them), each at most
-    ``BARRIER_MAX_SKEW_S``. Seeded: the same inputs give the same skews."""
+    variation ``cv`` (lognormal with mean ``stage_s``, as the simulator draws them), each at
+    least ``BARRIER_MIN_SKEW_S`` and at most ``BARRIER_MAX_SKEW_S``. Seeded: the same inputs
+    give the same skews.
+
+    Why the floor: timed back to back at skews under ~0.05 ms, the two processes lock in phase
+    and a barrier averages ~1 ms (a 3-4 ms stall every few rounds); in real lockstep runs the
+    stages differ (partition, message costs), the last arrival is ~0.1 ms+ late in most ticks
+    and a near-simultaneous one is isolated: a lenet ``partime`` run's barriers cost 0.17 ms
+    after the last arrival (0.31 ms in the 6% of ticks within 0.05 ms), the profile's 1.3 ms."""
     if not (stage_s > 0 and cv > 0):
-        return (0.0,)
+        return (BARRIER_MIN_SKEW_S,)
     sigma = math.sqrt(math.log1p(cv * cv))
     x = stage_s * np.random.default_rng(0).lognormal(-0.5 * sigma * sigma, sigma, (2, 4096))
     skews = np.quantile(np.abs(x[0] - x[1]), (np.arange(points) + 0.5) / points)
-    return tuple(float(s) for s in np.minimum(skews, BARRIER_MAX_SKEW_S))
+    return tuple(float(s) for s in np.clip(skews, BARRIER_MIN_SKEW_S, BARRIER_MAX_SKEW_S))
 
 
 def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int,
@@ -603,8 +612,9 @@ def _busy(seconds: float) -> None:
         torch.mm(a, a)
 
 
-def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
-    """Seconds a message costs its sender while both processes compute, as in a pipeline.
+def _message_costs(rank: int, dist: Any, steps: int = MESSAGE_STEPS) -> tuple[float, float]:
+    """Seconds a message costs its sender and its receiver while both processes compute, as in a
+    pipeline: ``(send_cost_s, recv_cost_s)`` (on rank 0; zeros on rank 1).
 
     A ping-pong between idle processes misses it: in a pipeline every core is busy, the
     receiver's communication thread has to be scheduled in, and a receiver that blocked (its
@@ -613,8 +623,11 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
     "activation"; rank 1 receives it, computes half as long and sends a "gradient" back, which
     rank 0 receives two steps later (two samples in flight, as in 1F1B). The same steps are
     timed without messages. Rank 0 sends one message and receives one per step: its mean extra
-    time per step (median over ``SEND_COST_PAIRS`` alternating pairs of timings) is the cost of a
-    message at both ends, charged to the sender (>= 0)."""
+    time per step (median over ``MESSAGE_COST_PAIRS`` alternating pairs of timings, >= 0) is the
+    cost of a message at both ends, half at each (what one end spends on a message, its
+    communication thread run on its core and its wait woken, the other end spends too; a CPU
+    timing of each end alone, 0.07-0.10 ms, misses the wake-ups, and with it lenet's streaming
+    pipelines came out 30-40% faster than they ran)."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
     peer = 1 - rank
@@ -650,15 +663,16 @@ def _loaded_send_cost(rank: int, dist: Any, steps: int = LOADED_STEPS) -> float:
         timed(False)
     # one pair is at the mercy of a slow phase of the machine (it moved this cost 0.09..0.41 ms
     # between profiles): alternate the two, several pairs, and keep the median difference
-    extra = [timed(True) - timed(False) for _ in range(SEND_COST_PAIRS)]
-    return 0.0 if rank == 1 else max(float(np.median(extra)), 0.0)
+    extra = [timed(True) - timed(False) for _ in range(MESSAGE_COST_PAIRS)]
+    half = 0.0 if rank == 1 else max(float(np.median(extra)), 0.0) / 2
+    return half, half
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
                   pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
-                  ) -> tuple[list[list[float]], float, float]:
-    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and the
-    sender's cost of a message under load (``_loaded_send_cost``).
+                  ) -> tuple[list[list[float]], float, tuple[float, float]]:
+    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and a
+    message's cost to its sender and its receiver under load (``_message_costs``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
@@ -761,10 +775,12 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier, send_cost = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores, skews=barrier_skews)
+        points, barrier, (send_cost, recv_cost) = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores,
+                                                                skews=barrier_skews)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
-        # thread) taken from the same cores the stages compute on: charged to the sender
-        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost)
+        # thread) taken from the same cores the stages compute on
+        link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost,
+                                   recv_cost_s=recv_cost)
         return LinkProfile(link, Link(), barrier, points={"cpu->cpu": points})
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")

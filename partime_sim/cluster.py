@@ -49,24 +49,27 @@ class Link:
     # the bytes / bandwidth part of a transfer keeps the *sending* device busy (CPU processes over
     # TCP: the sending thread writes the data into the socket); only the latency is in flight
     sender_busy: bool = False
-    # seconds every message costs the sending device on top of that, measured while both ends
-    # compute (scheduling the communication threads, waking a blocked receiver)
+    # seconds of CPU every message costs the sending device on top of that, and the receiving
+    # one (its communication thread reading the socket on the core its compute runs on)
     send_cost_s: float = 0.0
+    recv_cost_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.latency_s >= 0:
             raise ConfigError(f"link latency_s={self.latency_s!r} must be >= 0")
         if not self.bandwidth_Bps > 0:
             raise ConfigError(f"link bandwidth_Bps={self.bandwidth_Bps!r} must be > 0 (inf for ideal)")
-        if not (self.send_cost_s >= 0 and math.isfinite(self.send_cost_s)):
-            raise ConfigError(f"link send_cost_s={self.send_cost_s!r} must be a finite number of seconds >= 0")
+        for name in ("send_cost_s", "recv_cost_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"link {name}={value!r} must be a finite number of seconds >= 0")
 
     def time(self, nbytes: float) -> float:
         return self.latency_s + (0.0 if math.isinf(self.bandwidth_Bps) else nbytes / self.bandwidth_Bps)
 
     @property
     def is_ideal(self) -> bool:
-        return self.latency_s == 0 and math.isinf(self.bandwidth_Bps) and self.send_cost_s == 0
+        return self.latency_s == 0 and math.isinf(self.bandwidth_Bps) and self.send_cost_s == 0 == self.recv_cost_s
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,11 @@ def task_costs(
     _check_noise(jitter, straggler_prob, straggler_factor)
     mb = _microbatch_size(schedule)
     duration = _durations(schedule, network, cluster, partition, mb)
-    edge_time, transfer, busy = _edges(schedule, network, cluster, partition, mb)
-    if busy.any():  # what a send costs its sender lengthens the sending task
-        np.add.at(duration, schedule.dep_src, busy)
+    edge_time, transfer, send_busy, recv_busy = _edges(schedule, network, cluster, partition, mb)
+    if send_busy.any():  # what a message costs its sender lengthens the sending task...
+        np.add.at(duration, schedule.dep_src, send_busy)
+    if recv_busy.any():  # ...and what it costs the receiver, the task that consumes it
+        np.add.at(duration, schedule.dep_dst, recv_busy)
     rng = _rng(seed, "durations")
     if jitter > 0:  # lognormal with mean 1 and coefficient of variation `jitter`
         sigma = math.sqrt(math.log1p(jitter * jitter))
@@ -155,21 +157,22 @@ def _durations(schedule: Schedule, network: Network, cluster: Cluster, partition
 
 
 def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Partition,
-           mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per dependency (F sends the stage's output, B/BI its input gradient): seconds in flight,
-    whether it crosses devices, and seconds it keeps the sending device busy (the link's
-    ``send_cost_s``, plus bytes / bandwidth on ``sender_busy`` links, whose copy is then not
-    in flight)."""
+           mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per dependency (F sends the stage's output, B/BI its input gradient; a dependency that
+    crosses devices is one message): seconds in flight, whether it crosses devices, seconds it
+    keeps the sending device busy (the link's ``send_cost_s``, plus bytes / bandwidth on
+    ``sender_busy`` links, whose copy is then not in flight) and the receiving one (the link's
+    ``recv_cost_s``)."""
     src = schedule.dep_src
     device = schedule.device.astype(np.int16) if cluster.num_devices < 2**15 else schedule.device  # halves the gathers
     dev_src, dev_dst = device[src], device[schedule.dep_dst]
     transfer = dev_src != dev_dst
     transfer &= dev_src >= 0  # global tasks (device -1) move nothing
     transfer &= dev_dst >= 0
-    edge, busy = np.zeros(src.size), np.zeros(src.size)
+    edge, busy, recv = np.zeros(src.size), np.zeros(src.size), np.zeros(src.size)
     links = [cluster.link, *cluster.links.values()]
     if all(link.is_ideal for link in links):
-        return edge, transfer, busy
+        return edge, transfer, busy, recv
     idx = np.flatnonzero(transfer)
     S, K = partition.num_stages, len(KINDS)
     act = network.act_bytes()
@@ -184,7 +187,8 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
         copy = nbytes / link.bandwidth_Bps  # x / inf == 0
         edge[idx] = link.latency_s + (0.0 if link.sender_busy else copy)
         busy[idx] = link.send_cost_s + (copy if link.sender_busy else 0.0)
-        return edge, transfer, busy
+        recv[idx] = link.recv_cost_s
+        return edge, transfer, busy, recv
     # per-pair overrides: look every pair up in a sorted table of link keys (default last)
     D = cluster.num_devices
     keys = np.array([p * D + q for p, q in cluster.links], dtype=np.int64)
@@ -196,10 +200,12 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     which = np.where(keys[order][pos] == pair, order[pos], keys.size)
     sender_busy = np.array([lk.sender_busy for lk in cluster.links.values()] + [cluster.link.sender_busy])
     send_cost = np.array([lk.send_cost_s for lk in cluster.links.values()] + [cluster.link.send_cost_s])
+    recv_cost = np.array([lk.recv_cost_s for lk in cluster.links.values()] + [cluster.link.recv_cost_s])
     copy, on_sender = nbytes / bandwidth[which], sender_busy[which]
     edge[idx] = latency[which] + np.where(on_sender, 0.0, copy)
     busy[idx] = send_cost[which] + np.where(on_sender, copy, 0.0)
-    return edge, transfer, busy
+    recv[idx] = recv_cost[which]
+    return edge, transfer, busy, recv
 
 
 # ---- memory ------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_concurrency_slowdown_scales_compute_only_when_several_devices_work() ->
         replace(base, concurrency_slowdown=0.5)
 
 
-def test_sender_busy_link_moves_the_copy_from_the_edge_onto_the_sending_task() -> None:
+def test_sender_busy_link_moves_the_copy_onto_the_sender_and_message_costs_onto_both_ends() -> None:
     from dataclasses import replace
 
     from partime_sim.costs import task_costs
@@ -210,5 +210,17 @@ def test_sender_busy_link_moves_the_copy_from_the_edge_onto_the_sending_task() -
     np.add.at(sends, sched.dep_src[c.transfer], 1)
     assert np.allclose(c.duration, b.duration + 2e-5 * sends, rtol=0, atol=1e-15)
     assert np.allclose(c.edge_time[c.transfer], 1e-4, rtol=0, atol=1e-15)
+    # a receive cost lands on the task that consumes the message (once per message)
+    both = replace(costly, link=replace(costly.link, recv_cost_s=3e-5))
+    d = task_costs(sched, net, both, part)
+    receives = np.zeros(len(sched))
+    np.add.at(receives, sched.dep_dst[d.transfer], 1)
+    assert np.all(receives[(sched.kind == F) & (sched.stage == 1)] == 1)  # stage 1 gets every activation
+    assert np.allclose(d.duration, c.duration + 3e-5 * receives, rtol=0, atol=1e-15)
+    assert np.array_equal(d.edge_time, c.edge_time)
+    assert Cluster.from_dict(both.to_dict()) == both
+    assert not Link(recv_cost_s=1e-6).is_ideal
     with pytest.raises(ConfigError, match="send_cost_s=-1"):
         Link(send_cost_s=-1)
+    with pytest.raises(ConfigError, match="recv_cost_s=nan"):
+        Link(recv_cost_s=math.nan)

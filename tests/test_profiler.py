@@ -125,6 +125,8 @@ def test_gloo_link_between_two_processes():
     assert links.link.latency_s > 0 and 0 < links.link.bandwidth_Bps
     assert links.host_link == Link() and links.barrier_s > 0
     assert [p[0] for p in links.points["cpu->cpu"]] == [4.0, 4096.0, 65536.0]
+    # a message takes CPU time at both ends (the sender's write, the receiver's gloo thread)
+    assert links.link.sender_busy and links.link.send_cost_s > 0 and links.link.recv_cost_s > 0
 
 
 def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
@@ -158,14 +160,16 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
     assert events == [2e-4, "barrier"] * 3  # rank 1 without the skew
 
 
-def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap():
-    from partime_sim.backends.profiler import BARRIER_MAX_SKEW_S, tick_skews
+def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap_within_bounds():
+    from partime_sim.backends.profiler import BARRIER_MAX_SKEW_S, BARRIER_MIN_SKEW_S, tick_skews
 
-    skews = tick_skews(2e-4, 0.27, points=10)
-    assert len(skews) == 10 and list(skews) == sorted(skews) and skews == tick_skews(2e-4, 0.27, points=10)
+    skews = tick_skews(2e-3, 0.27, points=10)
+    assert len(skews) == 10 and list(skews) == sorted(skews) and skews == tick_skews(2e-3, 0.27, points=10)
     # |X - Y| of two lognormal stage times: its median is ~0.95 sigma * stage time for a small spread
-    assert 0.5 * 0.27 * 2e-4 < np.median(skews) < 1.5 * 0.27 * 2e-4
-    assert tick_skews(2e-4, 0.0) == (0.0,) == tick_skews(0.0, 0.3)  # no spread: the stages arrive together
+    assert 0.5 * 0.27 * 2e-3 < np.median(skews) < 1.5 * 0.27 * 2e-3
+    assert min(skews) == BARRIER_MIN_SKEW_S < skews[-1]  # the closest arrivals: floored
+    assert tick_skews(2e-4, 0.0) == (BARRIER_MIN_SKEW_S,) == tick_skews(0.0, 0.3)  # no spread: the floor
+    assert set(tick_skews(1e-4, 0.2)) == {BARRIER_MIN_SKEW_S}  # short ticks: all floored
     assert max(tick_skews(1.0, 0.5)) == BARRIER_MAX_SKEW_S  # long ticks: capped
 
 
