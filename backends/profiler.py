@@ -568,9 +568,9 @@ def tick_skews(stage_s: float, cv: float, points: int = BARRIER_SKEW_POINTS) -> 
     Why the floor: between the profiler's two processes, a barrier whose arrivals are within
     ~0.05 ms of each other averages 1-2 ms (a 3-4 ms stall every few rounds, also with rounds at
     0.1-0.5 ms skews interleaved, which cost 0.13-0.18 ms; a lenet inference profile read 1.3
-    ms), while in real lockstep runs the tick's barrier costs far less: two lenet ``partime`` inference runs paid
-    0.14-0.16 ms after the last arrival where it was 0.05 ms or more late and 0.31-0.34 ms where
-    it was not (6% and 69% of their ticks)."""
+    ms), while in real lockstep runs the tick's barrier costs far less: two lenet ``partime``
+    inference runs paid 0.14-0.16 ms after the last arrival where it was 0.05 ms or more late
+    and 0.31-0.34 ms where it was not (6% and 69% of their ticks)."""
     if not (stage_s > 0 and cv > 0):
         return (BARRIER_MIN_SKEW_S,)
     sigma = math.sqrt(math.log1p(cv * cv))
