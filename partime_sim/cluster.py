@@ -49,8 +49,8 @@ class Link:
     # the bytes / bandwidth part of a transfer keeps the *sending* device busy (CPU processes over
     # TCP: the sending thread writes the data into the socket); only the latency is in flight
     sender_busy: bool = False
-    # seconds of CPU every message costs the sending device on top of that, and the receiving
-    # one (its communication thread reading the socket on the core its compute runs on)
+    # seconds every message costs the sending device on top of that, and the receiving one
+    # (communication threads run on the cores the stages compute on), measured while both compute
     send_cost_s: float = 0.0
     recv_cost_s: float = 0.0
 

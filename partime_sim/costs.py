@@ -193,18 +193,18 @@ def _edges(schedule: Schedule, network: Network, cluster: Cluster, partition: Pa
     D = cluster.num_devices
     keys = np.array([p * D + q for p, q in cluster.links], dtype=np.int64)
     order = np.argsort(keys)
-    latency = np.array([lk.latency_s for lk in cluster.links.values()] + [cluster.link.latency_s])
-    bandwidth = np.array([lk.bandwidth_Bps for lk in cluster.links.values()] + [cluster.link.bandwidth_Bps])
     pair = dev_src[idx].astype(np.int64) * D + dev_dst[idx]
     pos = np.minimum(np.searchsorted(keys[order], pair), keys.size - 1)
     which = np.where(keys[order][pos] == pair, order[pos], keys.size)
-    sender_busy = np.array([lk.sender_busy for lk in cluster.links.values()] + [cluster.link.sender_busy])
-    send_cost = np.array([lk.send_cost_s for lk in cluster.links.values()] + [cluster.link.send_cost_s])
-    recv_cost = np.array([lk.recv_cost_s for lk in cluster.links.values()] + [cluster.link.recv_cost_s])
-    copy, on_sender = nbytes / bandwidth[which], sender_busy[which]
-    edge[idx] = latency[which] + np.where(on_sender, 0.0, copy)
-    busy[idx] = send_cost[which] + np.where(on_sender, copy, 0.0)
-    recv[idx] = recv_cost[which]
+    table = (*cluster.links.values(), cluster.link)
+
+    def per_message(name: str) -> np.ndarray:  # the field of each message's link
+        return np.array([getattr(lk, name) for lk in table])[which]
+
+    copy, on_sender = nbytes / per_message("bandwidth_Bps"), per_message("sender_busy")
+    edge[idx] = per_message("latency_s") + np.where(on_sender, 0.0, copy)
+    busy[idx] = per_message("send_cost_s") + np.where(on_sender, copy, 0.0)
+    recv[idx] = per_message("recv_cost_s")
     return edge, transfer, busy, recv
 
 
