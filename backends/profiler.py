@@ -65,6 +65,10 @@ BARRIER_SKEWS_S = (0.0, 1e-4, 3e-4, 1e-3, 3e-3)  # ...and the last arrival this 
 BARRIER_SKEW_POINTS = 10  # a network's tick: that many quantiles of its stages' arrival skew (tick_skews)
 BARRIER_MIN_SKEW_S = 1e-4  # ...each at least this long (see tick_skews)
 BARRIER_MAX_SKEW_S = 5e-3  # ...and at most this long (a skew beyond costs what this one does)
+# a tick whose last two arrivals are this close pays the barrier timed with both arriving at once
+# (``Cluster.barrier_close_s``): in lenet lockstep runs the barrier cost 0.6-2 ms on average
+# after arrivals within ~0.02 ms of each other (rare 1.5-5 ms stalls), 0.15-0.2 ms otherwise
+BARRIER_CLOSE_WINDOW_S = 2e-5
 CONCURRENCY_ROUNDS = 3  # alternating (alone, together) rounds of the concurrency slowdown; the median counts
 CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quarter is warm-up); 40 left the costs noisy
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
@@ -509,12 +513,14 @@ def fit_link(nbytes: Sequence[float], seconds: Sequence[float]) -> Link:
 @dataclass(frozen=True)
 class LinkProfile:
     """Measured links: the default device<->device link, per-pair links where they differ, the
-    host<->device link, one barrier of two participants (one dissemination round), and the raw
-    (bytes, one-way seconds) points of each fit."""
+    host<->device link, one barrier of two participants (one dissemination round), the same
+    barrier when both arrive at once (0: not measured), and the raw (bytes, one-way seconds)
+    points of each fit."""
 
     link: Link
     host_link: Link
     barrier_s: float = 0.0
+    barrier_close_s: float = 0.0
     pairs: dict[tuple[int, int], Link] = field(default_factory=dict)
     points: dict[str, list[list[float]]] = field(default_factory=dict)
 
@@ -522,8 +528,9 @@ class LinkProfile:
 def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, pin_cores: bool,
                  skews: Sequence[float], out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
-    round trip / 2), times ``dist.barrier`` and a message's cost at each end under load; rank 0
-    reports ``("ok", (points, barrier_s, (send_cost_s, recv_cost_s)))``."""
+    round trip / 2), times ``dist.barrier`` (at ``skews``, and with both arriving at once) and a
+    message's cost at each end under load; rank 0 reports
+    ``("ok", (points, (barrier_s, barrier_close_s), (send_cost_s, recv_cost_s)))``."""
     import torch.distributed as dist
 
     try:
@@ -548,11 +555,12 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                 if i >= warmup:
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
-        barrier = _barrier_after_compute(rank, dist, warmup + max(repeats, BARRIER_ROUNDS), warmup, skews)
+        rounds = warmup + max(repeats, BARRIER_ROUNDS)
+        barriers = tuple(_barrier_after_compute(rank, dist, rounds, warmup, at) for at in (skews, (0.0,)))
         costs = _message_costs(rank, dist)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", (points, barrier, costs)))
+            out.put(("ok", (points, barriers, costs)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
@@ -565,12 +573,12 @@ def tick_skews(stage_s: float, cv: float, points: int = BARRIER_SKEW_POINTS) -> 
     least ``BARRIER_MIN_SKEW_S`` and at most ``BARRIER_MAX_SKEW_S``. Seeded: the same inputs
     give the same skews.
 
-    Why the floor: between the profiler's two processes, a barrier whose arrivals are within
-    ~0.05 ms of each other averages 1-2 ms (a 3-4 ms stall every few rounds, also with rounds at
-    0.1-0.5 ms skews interleaved, which cost 0.13-0.18 ms; a lenet inference profile read 1.3
-    ms), while in real lockstep runs the tick's barrier costs far less: two lenet ``partime``
-    inference runs paid 0.14-0.16 ms after the last arrival where it was 0.05 ms or more late
-    and 0.31-0.34 ms where it was not (6% and 69% of their ticks)."""
+    Why the floor: a barrier whose arrivals are close costs much more, now and then a stall of
+    1.5-5 ms (between the profiler's two processes 1-2 ms on average at skew 0; in lenet
+    ``partime`` runs 0.6-2 ms on average where the last two arrivals came within ~0.02 ms,
+    0.15-0.2 ms otherwise). The simulator charges that case separately
+    (``Cluster.barrier_close_s``, timed with both arriving at once, within
+    ``BARRIER_CLOSE_WINDOW_S``); ``barrier_s`` is the cost of the other ticks."""
     if not (stage_s > 0 and cv > 0):
         return (BARRIER_MIN_SKEW_S,)
     sigma = math.sqrt(math.log1p(cv * cv))
@@ -671,9 +679,9 @@ def _message_costs(rank: int, dist: Any, steps: int = MESSAGE_STEPS) -> tuple[fl
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
                   pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
-                  ) -> tuple[list[list[float]], float, tuple[float, float]]:
-    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds and a
-    message's cost to its sender and its receiver under load (``_message_costs``).
+                  ) -> tuple[list[list[float]], tuple[float, float], tuple[float, float]]:
+    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds (at
+    ``skews``, and with both arriving at once) and a message's cost to its sender and its receiver under load (``_message_costs``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
@@ -762,8 +770,9 @@ def profile_links(
     each pair of distinct GPUs from device -> device copies; a pipeline of several processes or
     threads on one GPU costs the handoff only (distributed NCCL cannot pair two ranks on one GPU).
     The barrier is timed with its last arrival late by ``barrier_skews`` in turn (a network's
-    ``tick_skews``; by default from 0 to 3 ms); ``pin_cores`` binds the two processes as the
-    backend binds its workers.
+    ``tick_skews``; by default from 0 to 3 ms) and, between gloo processes, with both arriving
+    at once too (``barrier_close_s``); ``pin_cores`` binds the two processes as the backend
+    binds its workers.
     """
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
@@ -776,13 +785,14 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, barrier, (send_cost, recv_cost) = _measure_gloo(sizes, warmup, repeats, pin_cores=pin_cores,
-                                                                skews=barrier_skews)
+        points, (barrier, close), (send_cost, recv_cost) = _measure_gloo(sizes, warmup, repeats,
+                                                                          pin_cores=pin_cores, skews=barrier_skews)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
         # thread) taken from the same cores the stages compute on
         link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost,
                                    recv_cost_s=recv_cost)
-        return LinkProfile(link, Link(), barrier, points={"cpu->cpu": points})
+        # a close arrival costs at least a barrier (a quieter phase of the machine can time it lower)
+        return LinkProfile(link, Link(), barrier, max(close, barrier), points={"cpu->cpu": points})
     if any(d.type == "cpu" for d in devs):
         raise ConfigError(f"devices {list(devices)} mix cpu and cuda; profile one kind at a time")
     host_pts = _copy_points(torch.device("cpu"), devs[0], sizes, warmup, repeats)
@@ -796,7 +806,7 @@ def profile_links(
                 points[f"{src}->{dst}"] = pts
     default = next(iter(pairs.values()), Link(latency_s=handoff))
     return LinkProfile(default, fit_link(*zip(*host_pts)), barrier,
-                       {k: v for k, v in pairs.items() if v != default}, points)
+                       pairs={k: v for k, v in pairs.items() if v != default}, points=points)
 
 
 # ---- the profile file ------------------------------------------------------------------------
@@ -924,6 +934,8 @@ def profile(
               for i, (cls, mem) in enumerate(zip(classes, memory))),
         link=links.link, links={k: v for k, v in links.pairs.items() if max(k) < count},
         host_link=links.host_link, barrier_s=links.barrier_s * barrier_rounds(count),
+        barrier_close_s=links.barrier_close_s * barrier_rounds(count),
+        barrier_close_window_s=BARRIER_CLOSE_WINDOW_S if links.barrier_close_s > 0 else 0.0,
         concurrency_slowdown=slowdown,
     )
     meta = {
@@ -933,7 +945,7 @@ def profile(
         "input_shape": list(resolved.input_shape), "seed": seed, "warmup": warmup, "repeats": repeats,
         "threads": threads if threads is not None else (1 if devs[0].type == "cpu" else torch.get_num_threads()),
         "link_points": links.points,
-        "barrier_per_round_s": links.barrier_s,
+        "barrier_per_round_s": links.barrier_s, "barrier_close_per_round_s": links.barrier_close_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
         "jitter": jitter, "concurrency_slowdown": slowdown, "calibration_samples": samples,
         "pin_cores": pin_cores, "barrier_skews_s": list(skews),

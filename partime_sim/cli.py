@@ -446,7 +446,9 @@ def _profile(args: argparse.Namespace) -> int:
                    "bw_ms": lay.bwd_weight * 1e3, "opt_ms": lay.opt * 1e3, "act_bytes": lay.act_bytes}
                   for lay in prof.network.layers])
     print(f"link ({args.transport}, {cluster.num_devices} x {cluster.devices[0].kind}): {_link_text(cluster.link)}; "
-          f"host link: {_link_text(cluster.host_link)}; barrier {cluster.barrier_s * 1e6:.1f} us")
+          f"host link: {_link_text(cluster.host_link)}; barrier {cluster.barrier_s * 1e6:.1f} us"
+          + (f" ({cluster.barrier_close_s * 1e6:.1f} us when the last two arrive within "
+             f"{cluster.barrier_close_window_s * 1e6:.0f} us)" if cluster.barrier_close_window_s > 0 else ""))
     if args.out is not None:
         print(f"wrote {args.out}; use it: partime-sim simulate --network {args.out} --cluster {args.out} "
               f"--schedule partime --devices {cluster.num_devices}")

@@ -82,6 +82,11 @@ class Cluster:
     links: dict[tuple[int, int], Link] = field(default_factory=dict)  # (src, dst) overrides
     host_link: Link = Link()  # host<->device copies (H2D of inputs, D2H of outputs)
     barrier_s: float = 0.0  # cost of one global barrier (lockstep schedules)
+    # a barrier whose last two arrivals come within barrier_close_window_s of each other costs
+    # barrier_close_s instead (0 window: never). Measured on a VM: an arrival that lands just as
+    # the earlier one's core is going idle can miss its wake-up for milliseconds
+    barrier_close_s: float = 0.0
+    barrier_close_window_s: float = 0.0
     # compute tasks take this factor longer when a schedule runs on more than one device: the
     # devices share one host's cores, caches and memory bandwidth (measured by the profiler)
     concurrency_slowdown: float = 1.0
@@ -92,6 +97,14 @@ class Cluster:
             raise ConfigError(f"cluster {self.name!r} has no devices; give at least one")
         if not self.barrier_s >= 0:
             raise ConfigError(f"cluster {self.name!r}: barrier_s={self.barrier_s!r} must be >= 0")
+        for name in ("barrier_close_s", "barrier_close_window_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"cluster {self.name!r}: {name}={value!r} must be a finite number of seconds >= 0")
+        if self.barrier_close_window_s > 0 and self.barrier_close_s < self.barrier_s:
+            raise ConfigError(f"cluster {self.name!r}: barrier_close_s={self.barrier_close_s!r} is below "
+                              f"barrier_s={self.barrier_s!r}; a close arrival costs at least a barrier "
+                              "(or set barrier_close_window_s=0 to turn the rule off)")
         if not (self.concurrency_slowdown >= 1.0 and math.isfinite(self.concurrency_slowdown)):
             raise ConfigError(f"cluster {self.name!r}: concurrency_slowdown={self.concurrency_slowdown!r} must be "
                               "a finite factor >= 1 (1.0 = devices do not slow each other)")
@@ -127,6 +140,8 @@ class Cluster:
             "links": [{"src": s, "dst": d, **asdict(lk)} for (s, d), lk in self.links.items()],
             "host_link": asdict(self.host_link),
             "barrier_s": self.barrier_s,
+            "barrier_close_s": self.barrier_close_s,
+            "barrier_close_window_s": self.barrier_close_window_s,
             "concurrency_slowdown": self.concurrency_slowdown,
         }
 
@@ -145,6 +160,8 @@ class Cluster:
                 links=links,
                 host_link=Link(**data.get("host_link", {})),
                 barrier_s=data.get("barrier_s", 0.0),
+                barrier_close_s=data.get("barrier_close_s", 0.0),
+                barrier_close_window_s=data.get("barrier_close_window_s", 0.0),
                 concurrency_slowdown=data.get("concurrency_slowdown", 1.0),
             )
         except (KeyError, TypeError) as exc:
@@ -295,7 +312,7 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
 
     The same count returns it as measured. Another count gives ``num_devices`` copies of its
     first device (the profiled device class, so the network's measured costs apply, speed 1.0)
-    joined by its default link, with its host link, and its barrier rescaled by dissemination
+    joined by its default link, with its host link, and its barrier costs rescaled by dissemination
     rounds: a profile of two CPU processes already says what any pair of them costs, so one
     profile serves every device count (per-pair overrides are dropped). The concurrency
     slowdown is kept as measured (for the profiled number of concurrent devices).
@@ -305,7 +322,9 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
         return cluster
     first = cluster.devices[0]
     devices = tuple(dataclasses.replace(first, name=f"{first.kind}:{i}") for i in range(num_devices))
-    per_round = cluster.barrier_s / max(barrier_rounds(cluster.num_devices), 1)
+    rounds, measured = barrier_rounds(num_devices), max(barrier_rounds(cluster.num_devices), 1)
     return Cluster(cluster.name, devices, link=cluster.link, host_link=cluster.host_link,
-                   barrier_s=barrier_rounds(num_devices) * per_round,
+                   barrier_s=rounds * (cluster.barrier_s / measured),
+                   barrier_close_s=rounds * (cluster.barrier_close_s / measured),
+                   barrier_close_window_s=cluster.barrier_close_window_s,
                    concurrency_slowdown=cluster.concurrency_slowdown)

@@ -10,7 +10,7 @@ that both engines call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,20 @@ class TaskCosts:
     arrival: np.ndarray  # per sample: when it arrives from the stream
     h2d: float  # seconds to copy one sample's input host -> device
     d2h: float  # seconds to copy one sample's output device -> host
+    # tasks (the BARRIERs, when the cluster has a close-arrival rule) that take ``close_extra``
+    # seconds longer when their last two dependencies are ready within ``close_window`` (arrive_close)
+    close_tasks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    close_extra: float = 0.0
+    close_window: float = 0.0
+
+
+def arrive_close(ready: np.ndarray, window: float) -> bool:
+    """Whether the last two of a task's dependency-ready times lie within ``window`` seconds
+    (``Cluster.barrier_close_window_s``); both engines ask this of the same times."""
+    if ready.size < 2:
+        return False
+    last_two = np.partition(ready, -2)[-2:]
+    return bool(last_two[1] - last_two[0] <= window)
 
 
 def task_costs(
@@ -72,8 +86,11 @@ def task_costs(
     task device = ``cluster.devices[schedule.device]``).
 
     F/B/BI/BW and transfers scale with ``schedule.params['microbatch_size']`` (default 1);
-    an OPT (one update) and a BARRIER do not. ``arrivals`` (one time per sample, default
-    all 0) plus the host->device copy release each sample's stage-0 forward.
+    an OPT (one update) and a BARRIER do not. A BARRIER costs ``cluster.barrier_s``, or
+    ``barrier_close_s`` when its last two arrivals come within ``barrier_close_window_s``
+    (decided by the engines, which know the arrivals: ``close_tasks``). ``arrivals`` (one
+    time per sample, default all 0) plus the host->device copy release each sample's stage-0
+    forward.
     """
     _check_noise(jitter, straggler_prob, straggler_factor)
     mb = _microbatch_size(schedule)
@@ -99,7 +116,11 @@ def task_costs(
     first = np.flatnonzero((schedule.kind == F) & (schedule.stage == 0))
     release[first] = arrival[schedule.sample[first]] + h2d
 
-    return TaskCosts(duration, release, edge_time, transfer, arrival, h2d, d2h)
+    close = np.zeros(0, dtype=np.int64)
+    if cluster.barrier_close_window_s > 0:
+        close = np.flatnonzero(schedule.kind == BARRIER)
+    return TaskCosts(duration, release, edge_time, transfer, arrival, h2d, d2h, close,
+                     cluster.barrier_close_s - cluster.barrier_s, cluster.barrier_close_window_s)
 
 
 def _check_noise(jitter: float, prob: float, factor: float) -> None:

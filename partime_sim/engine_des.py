@@ -23,7 +23,7 @@ import numpy as np
 import simpy
 
 from partime_sim.cluster import Cluster
-from partime_sim.costs import TaskCosts
+from partime_sim.costs import TaskCosts, arrive_close
 from partime_sim.errors import ScheduleError
 from partime_sim.schedule import F, LANES, Schedule
 
@@ -71,6 +71,9 @@ class _Simulation:
             self.outgoing.setdefault(src[dep], []).append((j, arrival))
         cut = np.searchsorted(schedule.dep_dst, np.arange(n + 1)).tolist()
         self.waits = [waits[cut[i]:cut[i + 1]] for i in range(n)]
+        # a close-arrival task's inputs: when each is ready (its source's end plus edge time)
+        self.close_inputs = {i: (schedule.dep_src[cut[i]:cut[i + 1]], costs.edge_time[cut[i]:cut[i + 1]])
+                             for i in costs.close_tasks.tolist()}
         first = (schedule.kind == F) & (schedule.stage == 0)
         self.input_of = dict(zip(np.flatnonzero(first).tolist(), schedule.sample[first].tolist()))
         self.bar = _bar(n, progress)
@@ -123,8 +126,13 @@ class _Simulation:
                 if ready.callbacks is not None:
                     yield ready
             self.start[i] = env.now
-            if self.duration[i] > 0:
-                yield env.timeout(self.duration[i])
+            duration = self.duration[i]
+            if i in self.close_inputs:
+                srcs, edges = self.close_inputs[i]
+                if arrive_close(self.end[srcs] + edges, self.costs.close_window):
+                    duration += self.costs.close_extra
+            if duration > 0:
+                yield env.timeout(duration)
             self.end[i] = env.now
             self.done[i].succeed()
             for j, arrival in self.outgoing.get(i, ()):

@@ -2,9 +2,10 @@
 per wave.
 
 A task starts at the latest of its release, the end of its lane predecessor and, for each
-dependency, ``end[src] + edge_time``; it ends ``duration`` later. Waves are contiguous in
-the table and every input of a wave lies in an earlier wave, so a wave is one gather and
-one segmented max (``np.maximum.reduceat``) over its dependencies, which are contiguous
+dependency, ``end[src] + edge_time``; it ends ``duration`` later (a close-arrival task,
+``TaskCosts.close_tasks``, ``close_extra`` more when its last two inputs are close). Waves
+are contiguous in the table and every input of a wave lies in an earlier wave, so a wave is
+one gather and one segmented max (``np.maximum.reduceat``) over its dependencies, which are contiguous
 too because they are sorted by destination. The engine trusts the waves
 (``Schedule.validate`` checks them). It gives the DES engine's times whenever links are
 uncontended, at numpy speed: partime with 1024 stages x 10,000 samples (10^7 tasks, 22k
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partime_sim.costs import TaskCosts
+from partime_sim.costs import TaskCosts, arrive_close
 from partime_sim.schedule import LANES, Schedule
 
 _PROGRESS_MIN_WAVES = 20_000  # below this the bar would cost more than it tells
@@ -41,6 +42,7 @@ def run_fast(schedule: Schedule, costs: TaskCosts, *, progress: bool = False) ->
     slot = (schedule.device.astype(np.int64) + 1) * len(LANES) + schedule.lane
     lane_end = np.zeros((schedule.num_devices + 1) * len(LANES))
 
+    close = _close_by_wave(costs, wave_cut, first_dep, num_deps, dep_cut)
     end = np.empty(n)
     start = np.empty(n)
     duration, release, edge = costs.duration, costs.release, costs.edge_time
@@ -66,7 +68,14 @@ def run_fast(schedule: Schedule, costs: TaskCosts, *, progress: bool = False) ->
         if has_release:
             np.maximum(m, release[a:b], out=m)
         start[a:b] = m
-        m += duration[a:b]
+        if w in close:  # a barrier whose last two arrivals are close costs more
+            dur = duration[a:b].copy()
+            for k, lo, hi in close[w]:
+                if arrive_close(v[lo:hi], costs.close_window):
+                    dur[k] += costs.close_extra
+            m += dur
+        else:
+            m += duration[a:b]
         end[a:b] = m
         lane_end[lanes] = m
         lane_end[: len(LANES)] = 0.0
@@ -75,6 +84,19 @@ def run_fast(schedule: Schedule, costs: TaskCosts, *, progress: bool = False) ->
     if bar is not None:
         bar.close()
     return start, end
+
+
+def _close_by_wave(costs: TaskCosts, wave_cut: np.ndarray, first_dep: np.ndarray, num_deps: np.ndarray,
+                   dep_cut: np.ndarray) -> dict[int, list[tuple[int, int, int]]]:
+    """Per wave, its ``costs.close_tasks`` as (position in the wave, first and end of their
+    dependencies in the wave's dependency segment)."""
+    close: dict[int, list[tuple[int, int, int]]] = {}
+    tasks = costs.close_tasks[num_deps[costs.close_tasks] >= 2]  # fewer inputs: nothing to be close
+    waves = np.searchsorted(wave_cut, tasks, side="right") - 1
+    lo = first_dep[tasks] - dep_cut[waves]
+    for i, w, k, a in zip(tasks.tolist(), waves.tolist(), (tasks - wave_cut[waves]).tolist(), lo.tolist()):
+        close.setdefault(w, []).append((k, a, a + int(num_deps[i])))
+    return close
 
 
 def _one_lane(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:

@@ -62,7 +62,8 @@ def _hetero() -> Cluster:
     devices = (Device("gpu0", "h100-sxm", 1.0, 80 * 2**30, 2), Device("gpu1", "h100-sxm", 2.0),
                Device("cpu", "cpu-core", 0.01))
     links = {(0, 1): Link(1e-6, 900e9, medium="nvswitch"), (1, 2): Link(5e-5, 4e9)}
-    return Cluster("hetero", devices, Link(1e-5, 64e9), links, host_link=Link(5e-6, 32e9), barrier_s=1e-5)
+    return Cluster("hetero", devices, Link(1e-5, 64e9), links, host_link=Link(5e-6, 32e9), barrier_s=1e-5,
+                   barrier_close_s=4e-5, barrier_close_window_s=2e-6)
 
 
 def test_cluster_json_round_trip(tmp_path):
@@ -98,6 +99,10 @@ def test_load_cluster_file_errors(tmp_path):
     (lambda: Link(bandwidth_Bps=0), "bandwidth_Bps=0"),
     (lambda: Device("d", speed=-2.0), "speed=-2.0"),
     (lambda: Cluster("c", (Device("d"),), links={(0, 5): Link()}), r"link \(0, 5\)"),
+    (lambda: Cluster("c", (Device("d"),), barrier_close_window_s=-1e-5), "barrier_close_window_s=-1e-05"),
+    (lambda: Cluster("c", (Device("d"),), barrier_close_s=math.inf), "barrier_close_s=inf"),
+    (lambda: Cluster("c", (Device("d"),), barrier_s=2e-4, barrier_close_s=1e-4, barrier_close_window_s=1e-5),
+     "barrier_close_s=0.0001 is below barrier_s=0.0002"),
 ])
 def test_bad_figures_name_the_value(make, shown):
     with pytest.raises(ConfigError, match=shown):

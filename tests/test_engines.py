@@ -3,6 +3,7 @@ are uncontended, both equal a plain-Python longest-path oracle on random graphs,
 contention in des, the cost model, arrivals, memory accounting, and the trace."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,8 @@ def mixed_cluster(num_devices: int) -> Cluster:
                     for i in range(num_devices))
     links = {(0, 1): Link(latency_s=5e-6, bandwidth_Bps=2e10)} if num_devices > 1 else {}
     return Cluster("mixed", devices, link=Link(latency_s=2e-5, bandwidth_Bps=5e9), links=links,
-                   host_link=Link(latency_s=5e-6, bandwidth_Bps=1e10), barrier_s=3e-6)
+                   host_link=Link(latency_s=5e-6, bandwidth_Bps=1e10), barrier_s=3e-6,
+                   barrier_close_s=4e-5, barrier_close_window_s=1e-4)  # some barriers close under jitter
 
 
 NOISE = {
@@ -70,6 +72,39 @@ def test_fast_equals_des_on_every_generator(name, mode, stages, samples, microba
     pd.testing.assert_frame_equal(fast.trace, des.trace, check_exact=False, rtol=0, atol=1e-9)
     assert fast.peak_memory == des.peak_memory
     assert fast.baseline_makespan == des.baseline_makespan
+
+
+def _two_stage_net(fwd1_ms: float) -> Network:
+    layers = tuple(Layer(name, fwd=fwd * MS, bwd_input=0.0, bwd_weight=0.0, act_bytes=1000)
+                   for name, fwd in (("a", 0.3), ("b", fwd1_ms)))
+    return Network("two", layers, input_bytes=1000)
+
+
+def test_barrier_costs_its_close_cost_when_the_last_two_arrivals_are_close():
+    cluster = Cluster("vm", (Device("a"), Device("b")), link=Link(latency_s=5e-5), barrier_s=1.5e-4,
+                      barrier_close_s=1e-3, barrier_close_window_s=2e-5)
+    sched, part = generate("partime", 2, 30, "infer"), even_partition(2, 2)
+
+    def barriers(net: Network, **noise) -> tuple[np.ndarray, np.ndarray]:
+        fast = simulate(sched, net, cluster, part, engine="fast", **noise).trace
+        des = simulate(sched, net, cluster, part, engine="des", contention=False, **noise).trace
+        pd.testing.assert_frame_equal(fast, des, check_exact=True)  # the same rule, the same floats
+        both = fast[fast.kind == "F"].groupby("tick").size() == 2  # ticks where both stages computed
+        bar = fast[fast.kind == "BARRIER"].set_index("tick")
+        return (bar.end - bar.start).to_numpy(), both.reindex(bar.index, fill_value=False).to_numpy()
+
+    # balanced stages, no jitter: both arrive at once in every full tick
+    cost, full = barriers(_two_stage_net(0.3))
+    assert full.sum() == 29 and np.allclose(cost[full], 1e-3, rtol=0, atol=1e-15)
+    assert np.allclose(cost[~full], 1.5e-4, rtol=0, atol=1e-15)  # one arrival: nothing to be close
+    # stage 1 0.05 ms slower: never within 0.02 ms
+    cost, _ = barriers(_two_stage_net(0.35))
+    assert np.allclose(cost, 1.5e-4, rtol=0, atol=1e-15)
+    # jittered: some ticks close, some not; without the window no barrier pays the close cost
+    cost, _ = barriers(_two_stage_net(0.3), jitter=0.05)
+    assert 0 < np.sum(cost > 5e-4) < 25
+    plain = simulate(sched, _two_stage_net(0.3), replace(cluster, barrier_close_window_s=0.0), part, jitter=0.05)
+    assert (plain.trace[plain.trace.kind == "BARRIER"].eval("end - start") < 5e-4).all()
 
 
 @pytest.mark.parametrize("name", ["partime", "1f1b", "zb-h1"])
@@ -98,9 +133,13 @@ def oracle(sched: Schedule, costs) -> tuple[np.ndarray, np.ndarray]:
         t = costs.release[i]
         if prev[i] >= 0:
             t = max(t, end[prev[i]])
-        for j in deps[i]:
-            t = max(t, end[sched.dep_src[j]] + costs.edge_time[j])
-        start[i], end[i] = t, t + costs.duration[i]
+        ready = sorted(end[sched.dep_src[j]] + costs.edge_time[j] for j in deps[i])
+        if ready:
+            t = max(t, ready[-1])
+        duration = costs.duration[i]
+        if i in costs.close_tasks and len(ready) >= 2 and ready[-1] - ready[-2] <= costs.close_window:
+            duration += costs.close_extra  # a barrier whose last two inputs came close together
+        start[i], end[i] = t, t + duration
     return start, end
 
 

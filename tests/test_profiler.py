@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from partime_sim.backends.profiler import (
-    Profile, fit_link, load_profile, profile, profile_layers, profile_links,
+    BARRIER_CLOSE_WINDOW_S, Profile, fit_link, load_profile, profile, profile_layers, profile_links,
 )
 from partime_sim.catalogue import get_network
 from partime_sim.cli import main
@@ -126,6 +126,7 @@ def test_gloo_link_between_two_processes():
     links = profile_links(["cpu"], "distributed", sizes=[4, 4096, 65536], warmup=1, repeats=15)
     assert links.link.latency_s > 0 and 0 < links.link.bandwidth_Bps
     assert links.host_link == Link() and links.barrier_s > 0
+    assert links.barrier_close_s >= links.barrier_s  # both arriving at once: timed too, never below
     assert [p[0] for p in links.points["cpu->cpu"]] == [4.0, 4096.0, 65536.0]
     # a message takes CPU time at both ends (the sender's write, the receiver's gloo thread)
     assert links.link.sender_busy and links.link.send_cost_s > 0 and links.link.recv_cost_s > 0
@@ -186,6 +187,7 @@ def test_busy_keeps_computing_for_the_time_asked():
 def test_local_link_is_a_handoff_without_copy():
     links = profile_links("cpu,cpu", "local", warmup=1, repeats=5)
     assert links.link.latency_s > 0 and links.link.bandwidth_Bps == math.inf and links.barrier_s > 0
+    assert links.barrier_close_s == 0  # threads of one process: no close-arrival rule measured
     with pytest.raises(ConfigError, match="'pigeon'"):
         profile_links(["cpu"], "pigeon")
 
@@ -196,7 +198,8 @@ def _profile() -> Profile:
     """A profile with measured layers and a known link (no processes spawned)."""
     net = profile_layers(build_torch_model("mlp"), (32,), name="mlp[cpu]", **FAST)
     devices = tuple(Device(f"cpu:{i}", "cpu") for i in range(2))
-    return Profile(net, Cluster("profiled", devices, link=Link(6e-5, 4e9), barrier_s=2e-4), {"repeats": 3})
+    return Profile(net, Cluster("profiled", devices, link=Link(6e-5, 4e9), barrier_s=2e-4, barrier_close_s=9e-4,
+                                barrier_close_window_s=2e-5), {"repeats": 3})
 
 
 def test_profile_file_round_trips_and_the_simulator_loads_it(tmp_path):
@@ -210,6 +213,7 @@ def test_profile_file_round_trips_and_the_simulator_loads_it(tmp_path):
     four = load_cluster(str(path), 4)
     assert [d.kind for d in four.devices] == ["cpu"] * 4 and {d.speed for d in four.devices} == {1.0}
     assert four.link == prof.cluster.link and four.barrier_s == pytest.approx(2 * 2e-4)  # 2 dissemination rounds
+    assert four.barrier_close_s == pytest.approx(2 * 9e-4) and four.barrier_close_window_s == 2e-5
     assert load_cluster(str(path), 1).num_devices == 1
     sched = generate("partime", 4, 20, "train")
     result = simulate(sched, get_network(str(path)), four, even_partition(8, 4))
@@ -273,6 +277,9 @@ def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
     # 16 MiB takes longer than 4 B (the fit itself is checked exactly above; three repeats on a
     # loaded 2-core CI machine once left it a constant fit)
     assert points[-1][0] == 2**24 and points[-1][1] > points[0][1]
+    # the barrier as timed with both processes arriving at once applies within the close window
+    assert prof.cluster.barrier_close_s >= prof.cluster.barrier_s > 0
+    assert prof.cluster.barrier_close_window_s == BARRIER_CLOSE_WINDOW_S
     assert main(["simulate", "--network", str(path), "--cluster", str(path), "--schedule", "partime",
                  "--devices", "2", "--samples", "50", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
