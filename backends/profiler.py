@@ -681,7 +681,8 @@ def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: fl
                   pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
                   ) -> tuple[list[list[float]], tuple[float, float], tuple[float, float]]:
     """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds (at
-    ``skews``, and with both arriving at once) and a message's cost to its sender and its receiver under load (``_message_costs``).
+    ``skews``, and with both arriving at once) and a message's cost to its sender and its
+    receiver under load (``_message_costs``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
