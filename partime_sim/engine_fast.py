@@ -5,8 +5,8 @@ A task starts at the latest of its release, the end of its lane predecessor and,
 dependency, ``end[src] + edge_time``; it ends ``duration`` later (a close-arrival task,
 ``TaskCosts.close_tasks``, ``close_extra`` more when its last two inputs are close). Waves
 are contiguous in the table and every input of a wave lies in an earlier wave, so a wave is
-one gather and one segmented max (``np.maximum.reduceat``) over its dependencies, which are contiguous
-too because they are sorted by destination. The engine trusts the waves
+one gather and one segmented max (``np.maximum.reduceat``) over its dependencies, which are
+contiguous too because they are sorted by destination. The engine trusts the waves
 (``Schedule.validate`` checks them). It gives the DES engine's times whenever links are
 uncontended, at numpy speed: partime with 1024 stages x 10,000 samples (10^7 tasks, 22k
 waves) takes about half a second on 2 cores.
@@ -94,8 +94,9 @@ def _close_by_wave(costs: TaskCosts, wave_cut: np.ndarray, first_dep: np.ndarray
     tasks = costs.close_tasks[num_deps[costs.close_tasks] >= 2]  # fewer inputs: nothing to be close
     waves = np.searchsorted(wave_cut, tasks, side="right") - 1
     lo = first_dep[tasks] - dep_cut[waves]
-    for i, w, k, a in zip(tasks.tolist(), waves.tolist(), (tasks - wave_cut[waves]).tolist(), lo.tolist()):
-        close.setdefault(w, []).append((k, a, a + int(num_deps[i])))
+    for w, k, a, b in zip(waves.tolist(), (tasks - wave_cut[waves]).tolist(), lo.tolist(),
+                          (lo + num_deps[tasks]).tolist()):
+        close.setdefault(w, []).append((k, a, b))
     return close
 
 
