@@ -90,6 +90,12 @@ class Cluster:
     # compute tasks take this factor longer when a schedule runs on more than one device: the
     # devices share one host's cores, caches and memory bandwidth (measured by the profiler)
     concurrency_slowdown: float = 1.0
+    # a compute task that starts after its device sat idle for t seconds takes longer: ``extra``
+    # interpolated from these (idle_s, extra_s) points (from (0, 0); held beyond the last). A
+    # core left idle (blocked on a message or a barrier) comes back slow: caches, clock, a VM's
+    # vCPU descheduled; on a 2-core VM a lenet forward ran +0.05 ms after 0.1 ms idle and +0.4 ms
+    # after 3 ms (measured by the profiler; empty: no penalty)
+    idle_penalty: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -108,6 +114,7 @@ class Cluster:
         if not (self.concurrency_slowdown >= 1.0 and math.isfinite(self.concurrency_slowdown)):
             raise ConfigError(f"cluster {self.name!r}: concurrency_slowdown={self.concurrency_slowdown!r} must be "
                               "a finite factor >= 1 (1.0 = devices do not slow each other)")
+        object.__setattr__(self, "idle_penalty", _idle_points(self.name, self.idle_penalty))
         for src, dst in self.links:
             for idx in (src, dst):
                 if not 0 <= idx < len(self.devices):
@@ -143,6 +150,7 @@ class Cluster:
             "barrier_close_s": self.barrier_close_s,
             "barrier_close_window_s": self.barrier_close_window_s,
             "concurrency_slowdown": self.concurrency_slowdown,
+            "idle_penalty": [list(p) for p in self.idle_penalty],
         }
 
     @classmethod
@@ -163,6 +171,7 @@ class Cluster:
                 barrier_close_s=data.get("barrier_close_s", 0.0),
                 barrier_close_window_s=data.get("barrier_close_window_s", 0.0),
                 concurrency_slowdown=data.get("concurrency_slowdown", 1.0),
+                idle_penalty=data.get("idle_penalty", ()),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(
@@ -307,6 +316,22 @@ def load_cluster(spec: str, num_devices: int) -> Cluster:
     return cluster
 
 
+def _idle_points(name: str, points: Any) -> tuple[tuple[float, float], ...]:
+    """``Cluster.idle_penalty`` as a tuple of (idle_s, extra_s) with idle_s > 0 increasing and
+    extra_s >= 0, all finite."""
+    try:
+        pts = tuple((float(t), float(x)) for t, x in points)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cluster {name!r}: idle_penalty={points!r} must be a list of (idle_s, extra_s) "
+                          "pairs, e.g. [[1e-4, 5e-5], [3e-3, 4e-4]]") from None
+    idle = [t for t, _ in pts]
+    if not all(math.isfinite(t) and math.isfinite(x) and t > 0 and x >= 0 for t, x in pts) or \
+            any(b <= a for a, b in zip(idle, idle[1:])):
+        raise ConfigError(f"cluster {name!r}: idle_penalty={points!r} needs finite idle_s > 0 in increasing "
+                          "order and extra_s >= 0 (seconds)")
+    return pts
+
+
 def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
     """A profiled cluster with ``num_devices`` devices.
 
@@ -315,7 +340,8 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
     joined by its default link, with its host link, and its barrier costs rescaled by dissemination
     rounds: a profile of two CPU processes already says what any pair of them costs, so one
     profile serves every device count (per-pair overrides are dropped). The concurrency
-    slowdown is kept as measured (for the profiled number of concurrent devices).
+    slowdown is kept as measured (for the profiled number of concurrent devices), and so is the
+    idle penalty (a property of one core).
     """
     _check_count(num_devices)
     if num_devices == cluster.num_devices:
@@ -327,4 +353,4 @@ def resize_profiled(cluster: Cluster, num_devices: int) -> Cluster:
                    barrier_s=rounds * (cluster.barrier_s / measured),
                    barrier_close_s=rounds * (cluster.barrier_close_s / measured),
                    barrier_close_window_s=cluster.barrier_close_window_s,
-                   concurrency_slowdown=cluster.concurrency_slowdown)
+                   concurrency_slowdown=cluster.concurrency_slowdown, idle_penalty=cluster.idle_penalty)

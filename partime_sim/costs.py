@@ -18,9 +18,10 @@ from partime_sim.cluster import Cluster
 from partime_sim.errors import ConfigError
 from partime_sim.network import Network
 from partime_sim.partition import Partition
-from partime_sim.schedule import B, BARRIER, BI, BW, F, KINDS, OPT, Schedule
+from partime_sim.schedule import B, BARRIER, BI, BW, COMPUTE, F, KINDS, OPT, Schedule
 
 ARRIVALS = ("saturate", "fixed", "poisson")
+_COMPUTE_KINDS = (F, B, BI, BW, OPT)  # what a device computes (the idle penalty's tasks)
 _STREAMS = ("arrivals", "durations", "stragglers")  # one independent random stream each
 
 
@@ -59,6 +60,16 @@ class TaskCosts:
     close_tasks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     close_extra: float = 0.0
     close_window: float = 0.0
+    # compute tasks (True per task) that take idle_extra(idle before them) longer, and the
+    # cluster's idle-penalty curve (idle_s, extra_s) from (0, 0); empty: no penalty
+    idle_tasks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    idle_curve: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.zeros(1))
+
+
+def idle_extra(idle: np.ndarray, curve: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Seconds a task takes longer after its device sat ``idle`` seconds (``Cluster.idle_penalty``,
+    interpolated); both engines ask this of the same idle times."""
+    return np.interp(idle, curve[0], curve[1])
 
 
 def arrive_close(ready: np.ndarray, window: float) -> bool:
@@ -88,7 +99,9 @@ def task_costs(
     F/B/BI/BW and transfers scale with ``schedule.params['microbatch_size']`` (default 1);
     an OPT (one update) and a BARRIER do not. A BARRIER costs ``cluster.barrier_s``, or
     ``barrier_close_s`` when its last two arrivals come within ``barrier_close_window_s``
-    (decided by the engines, which know the arrivals: ``close_tasks``). ``arrivals`` (one
+    (decided by the engines, which know the arrivals: ``close_tasks``). A compute task that
+    starts after its device sat idle takes ``Cluster.idle_penalty`` longer (decided by the
+    engines, which know the idle time: ``idle_tasks``, ``idle_extra``). ``arrivals`` (one
     time per sample, default all 0) plus the host->device copy release each sample's stage-0
     forward.
     """
@@ -119,8 +132,12 @@ def task_costs(
     close = np.zeros(0, dtype=np.int64)
     if cluster.barrier_close_window_s > 0:
         close = np.flatnonzero(schedule.kind == BARRIER)
+    idle_tasks, curve = np.zeros(0, dtype=bool), (np.zeros(1), np.zeros(1))
+    if cluster.idle_penalty:
+        idle_tasks = (schedule.device >= 0) & (schedule.lane == COMPUTE) & np.isin(schedule.kind, _COMPUTE_KINDS)
+        curve = (np.r_[0.0, [t for t, _ in cluster.idle_penalty]], np.r_[0.0, [x for _, x in cluster.idle_penalty]])
     return TaskCosts(duration, release, edge_time, transfer, arrival, h2d, d2h, close,
-                     cluster.barrier_close_s - cluster.barrier_s, cluster.barrier_close_window_s)
+                     cluster.barrier_close_s - cluster.barrier_s, cluster.barrier_close_window_s, idle_tasks, curve)
 
 
 def _check_noise(jitter: float, prob: float, factor: float) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import simpy
 
 from partime_sim.cluster import Cluster
-from partime_sim.costs import TaskCosts, arrive_close
+from partime_sim.costs import TaskCosts, arrive_close, idle_extra
 from partime_sim.errors import ScheduleError
 from partime_sim.schedule import F, LANES, Schedule
 
@@ -117,6 +117,8 @@ class _Simulation:
 
     def _lane(self, tasks: list[int]) -> Iterator[simpy.Event]:
         env = self.env
+        idle_tasks = self.costs.idle_tasks.tolist() if self.costs.idle_tasks.any() else None
+        last_end = 0.0  # the lane's previous task's end: what a compute task sat idle since
         for i in tasks:
             for event in self.waits[i]:
                 if event.callbacks is not None:  # not processed yet
@@ -131,9 +133,11 @@ class _Simulation:
                 srcs, edges = self.close_inputs[i]
                 if arrive_close(self.end[srcs] + edges, self.costs.close_window):
                     duration += self.costs.close_extra
+            if idle_tasks is not None and idle_tasks[i]:  # a core left idle comes back slow
+                duration += float(idle_extra(np.array([env.now - last_end]), self.costs.idle_curve)[0])
             if duration > 0:
                 yield env.timeout(duration)
-            self.end[i] = env.now
+            self.end[i] = last_end = env.now
             self.done[i].succeed()
             for j, arrival in self.outgoing.get(i, ()):
                 self._send(j, arrival)

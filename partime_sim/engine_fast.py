@@ -3,7 +3,8 @@ per wave.
 
 A task starts at the latest of its release, the end of its lane predecessor and, for each
 dependency, ``end[src] + edge_time``; it ends ``duration`` later (a close-arrival task,
-``TaskCosts.close_tasks``, ``close_extra`` more when its last two inputs are close). Waves
+``TaskCosts.close_tasks``, ``close_extra`` more when its last two inputs are close; a compute
+task, ``TaskCosts.idle_tasks``, ``idle_extra`` more after its device sat idle). Waves
 are contiguous in the table and every input of a wave lies in an earlier wave, so a wave is
 one gather and one segmented max (``np.maximum.reduceat``) over its dependencies, which are
 contiguous too because they are sorted by destination. The engine trusts the waves
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partime_sim.costs import TaskCosts, arrive_close
+from partime_sim.costs import TaskCosts, arrive_close, idle_extra
 from partime_sim.schedule import LANES, Schedule
 
 _PROGRESS_MIN_WAVES = 20_000  # below this the bar would cost more than it tells
@@ -47,6 +48,7 @@ def run_fast(schedule: Schedule, costs: TaskCosts, *, progress: bool = False) ->
     start = np.empty(n)
     duration, release, edge = costs.duration, costs.release, costs.edge_time
     has_edge, has_release = bool(np.any(edge)), bool(np.any(release))
+    idle_tasks = costs.idle_tasks if costs.idle_tasks.any() else None
     bar = _bar(wave_cut.size - 1, progress)
     cuts, dcuts = wave_cut.tolist(), dep_cut.tolist()  # Python ints slice faster
     for w in range(len(cuts) - 1):
@@ -68,14 +70,18 @@ def run_fast(schedule: Schedule, costs: TaskCosts, *, progress: bool = False) ->
         if has_release:
             np.maximum(m, release[a:b], out=m)
         start[a:b] = m
+        dur = duration[a:b]
         if w in close:  # a barrier whose last two arrivals are close costs more
-            dur = duration[a:b].copy()
+            dur = dur.copy()
             for k, lo, hi in close[w]:
                 if arrive_close(v[lo:hi], costs.close_window):
                     dur[k] += costs.close_extra
-            m += dur
-        else:
-            m += duration[a:b]
+        if idle_tasks is not None:  # a compute task after its device sat idle (lane_end: previous end)
+            sel = idle_tasks[a:b]
+            if sel.any():
+                dur = dur.copy()
+                dur[sel] += idle_extra(m[sel] - lane_end[lanes[sel]], costs.idle_curve)
+        m += dur
         end[a:b] = m
         lane_end[lanes] = m
         lane_end[: len(LANES)] = 0.0
@@ -103,6 +109,8 @@ def _close_by_wave(costs: TaskCosts, wave_cut: np.ndarray, first_dep: np.ndarray
 def _one_lane(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:
     """All tasks on one lane of one device: every dependency is implied by the lane order
     (and free, being on one device), so a task starts at max(release, previous end)."""
+    if costs.idle_tasks.any():
+        return _one_lane_idle(costs)
     starts, t = [], 0.0
     for release, duration in zip(costs.release.tolist(), costs.duration.tolist()):
         t = max(t, release)
@@ -110,6 +118,20 @@ def _one_lane(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:
         t += duration
     start = np.array(starts)
     return start, start + costs.duration
+
+
+def _one_lane_idle(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:
+    """``_one_lane`` with the idle penalty: a compute task that waited for its release pays it."""
+    n = costs.duration.size
+    start, end, t = np.empty(n), np.empty(n), 0.0
+    penalized = costs.idle_tasks.tolist()
+    for i, (release, duration) in enumerate(zip(costs.release.tolist(), costs.duration.tolist())):
+        s = max(t, release)
+        if penalized[i]:
+            duration += float(idle_extra(np.array([s - t]), costs.idle_curve)[0])
+        start[i], t = s, s + duration
+        end[i] = t
+    return start, end
 
 
 def _wave_cuts(wave: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ def _hetero() -> Cluster:
                Device("cpu", "cpu-core", 0.01))
     links = {(0, 1): Link(1e-6, 900e9, medium="nvswitch"), (1, 2): Link(5e-5, 4e9)}
     return Cluster("hetero", devices, Link(1e-5, 64e9), links, host_link=Link(5e-6, 32e9), barrier_s=1e-5,
-                   barrier_close_s=4e-5, barrier_close_window_s=2e-6)
+                   barrier_close_s=4e-5, barrier_close_window_s=2e-6, idle_penalty=((1e-4, 2e-5), (3e-3, 4e-4)))
 
 
 def test_cluster_json_round_trip(tmp_path):
@@ -103,6 +103,9 @@ def test_load_cluster_file_errors(tmp_path):
     (lambda: Cluster("c", (Device("d"),), barrier_close_s=math.inf), "barrier_close_s=inf"),
     (lambda: Cluster("c", (Device("d"),), barrier_s=2e-4, barrier_close_s=1e-4, barrier_close_window_s=1e-5),
      "barrier_close_s=0.0001 is below barrier_s=0.0002"),
+    (lambda: Cluster("c", (Device("d"),), idle_penalty=((1e-3, 1e-4), (1e-4, 2e-4))), "idle_penalty=.*increasing"),
+    (lambda: Cluster("c", (Device("d"),), idle_penalty=((1e-3, -1e-4),)), r"idle_penalty=.*extra_s >= 0"),
+    (lambda: Cluster("c", (Device("d"),), idle_penalty=(1e-3, 1e-4)), r"idle_penalty=\(0.001, 0.0001\) must be a list"),
 ])
 def test_bad_figures_name_the_value(make, shown):
     with pytest.raises(ConfigError, match=shown):
@@ -183,6 +186,7 @@ def test_concurrency_slowdown_scales_compute_only_when_several_devices_work() ->
         1.25 * simulate(two, net, base, part2).makespan, rel=1e-12)  # ideal links: every task 1.25x
     assert Cluster.from_dict(shared.to_dict()) == shared  # survives JSON
     assert resize_profiled(shared, 8).concurrency_slowdown == 1.25
+    assert resize_profiled(_hetero(), 8).idle_penalty == _hetero().idle_penalty  # a property of one core
     with pytest.raises(ConfigError, match="concurrency_slowdown=0.5"):
         replace(base, concurrency_slowdown=0.5)
 

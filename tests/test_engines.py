@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partime_sim.cluster import Cluster, Device, Link, ideal_cluster
-from partime_sim.costs import arrival_times, memory_sizes, peak_memory, task_costs
+from partime_sim.costs import arrival_times, idle_extra, memory_sizes, peak_memory, task_costs
 from partime_sim.engine_des import run_des
 from partime_sim.engine_fast import run_fast
 from partime_sim.errors import ConfigError, PartitionError, ScheduleError
@@ -47,7 +47,8 @@ def mixed_cluster(num_devices: int) -> Cluster:
     links = {(0, 1): Link(latency_s=5e-6, bandwidth_Bps=2e10)} if num_devices > 1 else {}
     return Cluster("mixed", devices, link=Link(latency_s=2e-5, bandwidth_Bps=5e9), links=links,
                    host_link=Link(latency_s=5e-6, bandwidth_Bps=1e10), barrier_s=3e-6,
-                   barrier_close_s=4e-5, barrier_close_window_s=1e-4)  # some barriers close under jitter
+                   barrier_close_s=4e-5, barrier_close_window_s=1e-4,  # some barriers close under jitter
+                   idle_penalty=((2e-5, 3e-6), (3e-4, 2e-5)))  # tasks after a wait pay a little
 
 
 NOISE = {
@@ -107,6 +108,31 @@ def test_barrier_costs_its_close_cost_when_the_last_two_arrivals_are_close():
     assert (plain.trace[plain.trace.kind == "BARRIER"].eval("end - start") < 5e-4).all()
 
 
+@pytest.mark.parametrize("arrival", ["fixed", "poisson"])
+def test_a_compute_task_after_an_idle_device_pays_the_interpolated_penalty(arrival):
+    # one 0.3 ms layer on one device, samples every 1 ms: each forward after the first waits 0.7 ms
+    penalty = ((1e-4, 1e-5), (1e-3, 1e-4))
+    cluster = Cluster("vm", (Device("a"), Device("b")), idle_penalty=penalty)
+    net = Network("one", (Layer("a", fwd=0.3 * MS, bwd_input=0.0, bwd_weight=0.0, act_bytes=1000),), input_bytes=1000)
+    sched, part = generate("sequential", 1, 20, "infer"), even_partition(1, 1)
+    noise = dict(arrival=arrival, rate_hz=1000.0, seed=3)
+    fast = simulate(sched, net, cluster, part, engine="fast", **noise).trace
+    des = simulate(sched, net, cluster, part, engine="des", contention=False, **noise).trace
+    pd.testing.assert_frame_equal(fast, des, check_exact=True)
+    f = fast[fast.kind == "F"].sort_values("start")
+    idle = np.r_[f.start.iloc[0], f.start.to_numpy()[1:] - f.end.to_numpy()[:-1]]
+    want = 0.3 * MS + np.interp(idle, [0, 1e-4, 1e-3], [0, 1e-5, 1e-4])  # held beyond 1 ms
+    np.testing.assert_allclose(f.eval("end - start"), want, rtol=0, atol=1e-15)
+    if arrival == "fixed":  # the waits are known: 0.7 ms before the second forward: 1e-5 + 0.6 / 0.9 * 9e-5,
+        took = f.eval("end - start").to_numpy()  # then 0.7 ms less the extra e, which settles at 7e-5 / 1.1
+        assert took[0] == 0.3 * MS and abs(took[1] - (0.3 * MS + 7e-5)) < 1e-15
+        assert np.allclose(took[8:], 0.3 * MS + 7e-5 / 1.1, rtol=0, atol=1e-12)
+    # without the penalty every forward costs its compute alone
+    plain = simulate(sched, net, replace(cluster, idle_penalty=()), part, **noise).trace
+    assert np.allclose(plain[plain.kind == "F"].eval("end - start"), 0.3 * MS, rtol=0, atol=1e-15)
+    assert fast.end.max() > plain.end.max()
+
+
 @pytest.mark.parametrize("name", ["partime", "1f1b", "zb-h1"])
 def test_contention_changes_nothing_when_transfers_never_overlap(name):
     # 1 us latency, infinite bandwidth, 1 ms compute: a link is always free when needed
@@ -139,6 +165,8 @@ def oracle(sched: Schedule, costs) -> tuple[np.ndarray, np.ndarray]:
         duration = costs.duration[i]
         if i in costs.close_tasks and len(ready) >= 2 and ready[-1] - ready[-2] <= costs.close_window:
             duration += costs.close_extra  # a barrier whose last two inputs came close together
+        if costs.idle_tasks.size and costs.idle_tasks[i]:  # a compute task after its device sat idle
+            duration += idle_extra(np.array([t - (end[prev[i]] if prev[i] >= 0 else 0.0)]), costs.idle_curve)[0]
         start[i], end[i] = t, t + duration
     return start, end
 
