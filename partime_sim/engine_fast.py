@@ -108,26 +108,14 @@ def _close_by_wave(costs: TaskCosts, wave_cut: np.ndarray, first_dep: np.ndarray
 
 def _one_lane(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:
     """All tasks on one lane of one device: every dependency is implied by the lane order
-    (and free, being on one device), so a task starts at max(release, previous end)."""
-    if costs.idle_tasks.any():
-        return _one_lane_idle(costs)
-    starts, t = [], 0.0
-    for release, duration in zip(costs.release.tolist(), costs.duration.tolist()):
-        t = max(t, release)
-        starts.append(t)
-        t += duration
-    start = np.array(starts)
-    return start, start + costs.duration
-
-
-def _one_lane_idle(costs: TaskCosts) -> tuple[np.ndarray, np.ndarray]:
-    """``_one_lane`` with the idle penalty: a compute task that waited for its release pays it."""
+    (and free, being on one device), so a task starts at max(release, previous end); a compute
+    task that waited for its release pays the idle penalty."""
+    penalized = costs.idle_tasks.tolist() if costs.idle_tasks.any() else None
     n = costs.duration.size
     start, end, t = np.empty(n), np.empty(n), 0.0
-    penalized = costs.idle_tasks.tolist()
     for i, (release, duration) in enumerate(zip(costs.release.tolist(), costs.duration.tolist())):
         s = max(t, release)
-        if penalized[i]:
+        if penalized is not None and penalized[i]:
             duration += float(idle_extra(np.array([s - t]), costs.idle_curve)[0])
         start[i], t = s, s + duration
         end[i] = t
