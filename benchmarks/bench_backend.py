@@ -6,10 +6,11 @@ Distributed transport, gloo, one process and one core per stage.
 of the same tensor (goal <= 1.5x); (c) this backend vs ``torch.distributed.pipelining`` on the
 same stages (gpipe and 1f1b with microbatches; a stream of single samples); (d) worker processes
 bound to a core each (the default) vs left to the OS (``--no-pin-cores``), on the accuracy set's
-small networks.
+small networks; (e) a lockstep tick with messages in flight: one connection shared by the
+messages and the barrier vs a group per direction (the transport's ``directed_groups``).
 
 Run: python benchmarks/bench_backend.py [--quick]   (prints Markdown for BENCHMARKS.md)
-     [--parts abcd] (a subset of the four parts) [--malloc-diagnostic] (every worker process runs
+     [--parts abcde] (a subset of the five parts) [--malloc-diagnostic] (every worker process runs
      with glibc told to keep freed memory instead of returning it to the OS: shows what the fresh
      page faults of newly allocated receive buffers cost; not how the backend runs by default)
 
@@ -366,10 +367,86 @@ def binding(quick: bool) -> list[str]:
     return lines
 
 
+# ---- (e) a lockstep tick with messages in flight ---------------------------------------------------------
+TICK_COMPUTE_S, TICK_SKEW_S, TICK_FLOATS = 9e-4, 3e-4, 400  # ~ a lenet training tick and its message
+TICK_VARIANTS = (("none", False, False), ("one-way", True, False), ("two-way", True, True))
+
+
+def _tick_worker(rank: int, port: int, ticks: int, blocks: int, out: str) -> None:
+    """Lockstep ticks as the ``partime`` schedule runs them: wait for the message the peer sent
+    last tick, compute (rank 0 ``TICK_SKEW_S`` longer), ``isend`` this tick's message, barrier.
+    Messages go 0 -> 1 (one-way) or both ways, over the default group the barrier uses (shared)
+    or a group per direction (``directed_groups``, as the backend's workers); blocks of every
+    (variant, groups) alternate. Rank 0 writes per block the mean tick and barrier >2 ms count."""
+    from partime_sim.backends.affinity import bind_worker
+    from partime_sim.backends.profiler import _busy
+    from partime_sim.backends.transport import directed_groups
+
+    bind_worker(rank, 2, 1)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    groups = directed_groups([(0, 1), (1, 0)], torch.device("cpu"))
+    peer, msg = 1 - rank, torch.zeros(TICK_FLOATS)
+    res: dict[str, list[list[float]]] = {}
+    for _ in range(blocks):
+        for name, forward, backward in TICK_VARIANTS:
+            for directed in ((False, True) if forward else (False,)):
+                def group(src: int) -> object:
+                    return groups[(src, 1 - src)] if directed else None
+                sends = forward and rank == 0 or backward and rank == 1
+                recvs = forward and rank == 1 or backward and rank == 0
+                posted = [dist.irecv(torch.empty(TICK_FLOATS), peer, group=group(peer)) for _ in range(2)] if recvs else []
+                dist.barrier()
+                times, stalls = [], 0
+                for i in range(ticks):
+                    t0 = time.perf_counter_ns()
+                    if recvs and i > 0:
+                        posted.pop(0).wait()
+                        posted.append(dist.irecv(torch.empty(TICK_FLOATS), peer, group=group(peer)))
+                    _busy(TICK_COMPUTE_S + (TICK_SKEW_S if rank == 0 else 0.0))
+                    if sends:
+                        dist.isend(msg, peer, group=group(rank))
+                    tb = time.perf_counter_ns()
+                    dist.barrier()
+                    t1 = time.perf_counter_ns()
+                    times.append((t1 - t0) * 1e-9)
+                    stalls += (t1 - tb) > 2_000_000
+                if sends:  # the peer posted one receive past the last tick
+                    dist.isend(msg, peer, group=group(rank))
+                for work in posted:
+                    work.wait()
+                dist.barrier()
+                res.setdefault(f"{name}|{'directed' if directed else 'shared'}", []).append(
+                    [float(np.mean(times[ticks // 10:])), stalls / ticks])
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def tick_traffic(quick: bool) -> list[str]:
+    ticks, blocks = (200, 2) if quick else (400, 6)
+    with tempfile.TemporaryDirectory(prefix="bench-tick-") as tmp:
+        out = str(Path(tmp) / "tick.json")
+        mp.spawn(_tick_worker, args=(free_port(), ticks, blocks, out), nprocs=2)
+        res = {k: np.asarray(v) for k, v in json.loads(Path(out).read_text()).items()}
+    base = float(np.median(res["none|shared"][:, 0]))
+    lines = ["| messages | connection | tick ms (median of block means) | extra over no messages, ms | "
+             "barriers over 2 ms, % of ticks |", "|---|---|---|---|---|"]
+    for key, v in res.items():
+        name, conn = key.split("|")
+        tick = float(np.median(v[:, 0]))
+        lines.append(f"| {name} | {conn if name != 'none' else '-'} | {tick * 1e3:.3f} | "
+                     f"{(tick - base) * 1e3:+.3f} | {100 * float(np.mean(v[:, 1])):.1f} |")
+    lines.append(f"\n(rank 0 computes {TICK_COMPUTE_S * 1e3:.1f} + {TICK_SKEW_S * 1e3:.1f} ms, rank 1 "
+                 f"{TICK_COMPUTE_S * 1e3:.1f} ms per tick; {TICK_FLOATS * 4} B messages; {blocks} alternating "
+                 f"blocks of {ticks} ticks per row; processes bound to a core each)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
-    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ab' (default: abcd)")
+    parser.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab' (default: abcde)")
     parser.add_argument("--malloc-diagnostic", action="store_true",
                         help=f"run every worker process with {MALLOC_ENV} (a diagnostic, not the default)")
     args = parser.parse_args()
@@ -391,6 +468,9 @@ def main() -> None:
     if "d" in args.parts:
         print("\n### (d) workers bound to a core each (default) vs left to the OS (2 processes, 1 thread each)\n")
         print("\n".join(binding(args.quick)))
+    if "e" in args.parts:
+        print("\n### (e) a lockstep tick with messages in flight: one connection vs a group per direction\n")
+        print("\n".join(tick_traffic(args.quick)))
     print(f"\n(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 
 
