@@ -391,28 +391,28 @@ def _tick_worker(rank: int, port: int, ticks: int, blocks: int, out: str) -> Non
     for _ in range(blocks):
         for name, forward, backward in TICK_VARIANTS:
             for directed in ((False, True) if forward else (False,)):
-                def group(src: int) -> object:
-                    return groups[(src, 1 - src)] if directed else None
+                out_group = groups[(rank, peer)] if directed else None  # None: the default group
+                in_group = groups[(peer, rank)] if directed else None
                 sends = forward and rank == 0 or backward and rank == 1
                 recvs = forward and rank == 1 or backward and rank == 0
-                posted = [dist.irecv(torch.empty(TICK_FLOATS), peer, group=group(peer)) for _ in range(2)] if recvs else []
+                posted = [dist.irecv(torch.empty(TICK_FLOATS), peer, group=in_group) for _ in range(2)] if recvs else []
                 dist.barrier()
                 times, stalls = [], 0
                 for i in range(ticks):
                     t0 = time.perf_counter_ns()
                     if recvs and i > 0:
                         posted.pop(0).wait()
-                        posted.append(dist.irecv(torch.empty(TICK_FLOATS), peer, group=group(peer)))
+                        posted.append(dist.irecv(torch.empty(TICK_FLOATS), peer, group=in_group))
                     _busy(TICK_COMPUTE_S + (TICK_SKEW_S if rank == 0 else 0.0))
                     if sends:
-                        dist.isend(msg, peer, group=group(rank))
+                        dist.isend(msg, peer, group=out_group)
                     tb = time.perf_counter_ns()
                     dist.barrier()
                     t1 = time.perf_counter_ns()
                     times.append((t1 - t0) * 1e-9)
                     stalls += (t1 - tb) > 2_000_000
                 if sends:  # the peer posted one receive past the last tick
-                    dist.isend(msg, peer, group=group(rank))
+                    dist.isend(msg, peer, group=out_group)
                 for work in posted:
                     work.wait()
                 dist.barrier()
