@@ -69,6 +69,14 @@ def stream(num_samples: int, size: int, seed: int = 0) -> tuple[torch.Tensor, np
     return x, rng.integers(0, CLASSES, num_samples)
 
 
+def _pair_result(worker, *args) -> object:
+    """Run ``worker(rank, port, *args, out)`` in two spawned gloo processes; rank 0's JSON in ``out``."""
+    with tempfile.TemporaryDirectory(prefix="bench-pair-") as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.spawn(worker, args=(free_port(), *args, out), nprocs=2)
+        return json.loads(Path(out).read_text())
+
+
 def _median(values) -> float:
     return float(statistics.median(values))
 
@@ -234,10 +242,7 @@ def _hop_worker(rank: int, port: int, reps: int, blocks: int, out: str) -> None:
 
 def transport_hop(quick: bool) -> list[str]:
     reps, blocks = (20, 5) if quick else (20, 40)
-    with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
-        out = str(Path(tmp) / "hop.json")
-        mp.spawn(_hop_worker, args=(free_port(), reps, blocks, out), nprocs=2)
-        res = json.loads(Path(out).read_text())
+    res = _pair_result(_hop_worker, reps, blocks)
     lines = ["| tensor | raw send/recv µs | pre-posted isend/irecv µs: reused buffer, fresh buffer | transport µs | "
              "**transport / raw** | transport / pre-posted fresh | p10: raw, transport µs | "
              "one-way stream µs/tensor: raw, transport |", "|---|---|---|---|---|---|---|---|"]
@@ -294,10 +299,7 @@ def _torch_pp_worker(rank: int, port: int, size: int, runs: list[tuple[str, int,
 
 
 def torch_pipelining(runs: list[tuple[str, int, int, int]], size: int) -> list[float]:
-    with tempfile.TemporaryDirectory(prefix="bench-pp-") as tmp:
-        out = str(Path(tmp) / "pp.json")
-        mp.spawn(_torch_pp_worker, args=(free_port(), size, runs, out), nprocs=2)
-        return json.loads(Path(out).read_text())
+    return _pair_result(_torch_pp_worker, size, runs)
 
 
 def vs_torch(quick: bool) -> list[str]:
@@ -425,10 +427,7 @@ def _tick_worker(rank: int, port: int, ticks: int, blocks: int, out: str) -> Non
 
 def tick_traffic(quick: bool) -> list[str]:
     ticks, blocks = (200, 2) if quick else (400, 6)
-    with tempfile.TemporaryDirectory(prefix="bench-tick-") as tmp:
-        out = str(Path(tmp) / "tick.json")
-        mp.spawn(_tick_worker, args=(free_port(), ticks, blocks, out), nprocs=2)
-        res = {k: np.asarray(v) for k, v in json.loads(Path(out).read_text()).items()}
+    res = {k: np.asarray(v) for k, v in _pair_result(_tick_worker, ticks, blocks).items()}
     base = float(np.median(res["none|shared"][:, 0]))
     lines = ["| messages | connection | tick ms (median of block means) | extra over no messages, ms | "
              "barriers over 2 ms, % of ticks |", "|---|---|---|---|---|"]
