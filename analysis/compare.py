@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from partime_sim.errors import ConfigError
+
 COMPARED = ("throughput_sps", "speedup", "makespan_s", "bubble_fraction", "latency_p50_s", "latency_p99_s")
 
 
@@ -40,6 +42,7 @@ class CompareConfig:
     baseline: bool = True  # also run (and predict) the sequential baseline, for speed-up
     learning: bool = True  # training: also emulate the run and compare the loss curves (off: timing only)
     pin_cores: bool = True  # distributed CPU workers (and the profiler's processes) on cores of their own
+    repeats: int = 1  # real runs (each with its baseline run); the run of median throughput is reported
 
 
 @dataclass
@@ -105,6 +108,8 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
 
+    if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
+        raise ConfigError(f"repeats={cfg.repeats!r} is invalid; give an integer >= 1 (real runs to take the median of)")
     devices = parse_devices(cfg.devices)
     prof = load_profile(cfg.profile) if cfg.profile else profile(
         cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode,
@@ -117,13 +122,22 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
                         mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
                         dtype=cfg.dtype, partition=",".join(map(str, partition.sizes)),
                         microbatches=cfg.microbatches, threads=cfg.threads, pin_cores=cfg.pin_cores)
-    row, result = run_config(run_cfg)
-    measured = summarize(result.trace, num_devices=schedule.num_devices)
-    if cfg.baseline and schedule.num_devices > 1:  # the measured sequential baseline, one device
-        base_row, _ = run_config(replace(run_cfg, schedule="sequential", devices=str(devices[0]),
-                                         partition="minmax", microbatches=None))
-        measured = summarize(result.trace, num_devices=schedule.num_devices,
-                             baseline_makespan=base_row["makespan_s"])
+    base_cfg = replace(run_cfg, schedule="sequential", devices=str(devices[0]), partition="minmax", microbatches=None)
+    with_baseline = cfg.baseline and schedule.num_devices > 1  # the measured sequential baseline, one device
+    runs, base_makespans = [], []
+    for _ in range(cfg.repeats):  # each run next to its baseline run: a slow minute hits both
+        row, result = run_config(run_cfg)
+        runs.append((summarize(result.trace, num_devices=schedule.num_devices)["throughput_sps"], row, result))
+        if with_baseline:
+            base_makespans.append(run_config(base_cfg)[0]["makespan_s"])
+    # the run of median throughput stands for all (its trace is plotted, its metrics agree with
+    # each other); the spread of the runs is reported beside it
+    throughputs = [r[0] for r in runs]
+    _, row, result = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
+    measured = summarize(result.trace, num_devices=schedule.num_devices,
+                         baseline_makespan=float(np.median(base_makespans)) if with_baseline else None)
+    if cfg.repeats > 1:
+        measured["throughput_runs_sps"] = throughputs
     learning, emulated = None, None
     if cfg.mode == "train" and cfg.learning:
         emulated = _emulated_loss(cfg, run_cfg)
@@ -168,6 +182,10 @@ def write_report(cmp: Comparison, out: str | Path) -> Path:
     if cmp.learning is not None:
         plot_learning({"emulated": cmp.emulated_loss, "measured": cmp.measured_loss}, out / "learning.png")
         lines.append(f"\nLearning: max |emulated - measured| per-sample loss = {cmp.learning['max_abs_loss_diff']:.3g}")
+    runs = cmp.measured.get("throughput_runs_sps")
+    if runs:
+        lines.append(f"\nMeasured throughput of each of the {len(runs)} runs (samples/s): "
+                     f"{', '.join(f'{r:.4g}' for r in runs)}; the run of median throughput is reported above.")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     return out
 

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker [1]")
     p.add_argument("--no-learning", dest="learning", action="store_false",
                    help="training: skip the emulated vs measured loss curves (timing only, faster)")
+    p.add_argument("--repeats", type=_positive_int, default=1,
+                   help="real runs, each beside its sequential baseline run; the run of median throughput is "
+                        "reported, with every run's throughput (a shared machine moves 20-30%% run to run) [1]")
     _pin_cores_flag(p)
     p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
     p.add_argument("--json", action="store_true")
@@ -413,7 +416,8 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = CompareConfig(args.network, args.schedule, args.devices, samples=args.samples, mode=args.mode,
                         transport=args.transport, profile=args.profile, optimizer=args.optimizer, lr=lr,
                         seed=args.seed, microbatches=args.microbatches, partition=args.partition,
-                        threads=args.threads, learning=args.learning, pin_cores=args.pin_cores)
+                        threads=args.threads, learning=args.learning, pin_cores=args.pin_cores,
+                        repeats=args.repeats)
     result = compare(cfg)
     if args.out is not None:
         write_report(result, args.out)
@@ -422,6 +426,10 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         _print_table([{"metric": k, "predicted": result.predicted.get(k), "measured": result.measured.get(k),
                        "error": result.error.get(k)} for k in COMPARED])
+        runs = result.measured.get("throughput_runs_sps")
+        if runs:
+            print(f"measured throughput of the {len(runs)} runs: {', '.join(f'{r:.4g}' for r in runs)} samples/s "
+                  f"(the median run is shown)")
         if result.learning is not None:
             print(f"learning: max |emulated - measured| per-sample loss {result.learning['max_abs_loss_diff']:.3g}")
         if args.out is not None:

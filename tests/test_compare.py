@@ -7,7 +7,9 @@ import json
 import pytest
 
 from partime_sim.analysis.compare import COMPARED, CompareConfig, compare, relative_errors, write_report
+from partime_sim.backends.profiler import profile
 from partime_sim.cli import main
+from partime_sim.errors import ConfigError
 
 
 def test_relative_errors_are_signed_and_skip_missing() -> None:
@@ -58,3 +60,42 @@ def test_compare_cli_no_learning_is_timing_only(capsys, tmp_path) -> None:
     assert main(argv) == 0  # training compares the loss curves unless told not to
     assert json.loads(capsys.readouterr().out)["learning"]["max_abs_loss_diff"] < 1e-4
     assert (tmp_path / "r" / "learning.png").exists()
+
+
+@pytest.fixture(scope="module")
+def mlp_infer_profile(tmp_path_factory) -> str:
+    """One quick local-transport inference profile of mlp, shared by the tests that only need one."""
+    path = tmp_path_factory.mktemp("profile") / "mlp-infer.json"
+    profile("mlp", ["cpu"], "local", repeats=3, mode="infer").save(path)
+    return str(path)
+
+
+def test_compare_repeats_reports_the_median_run_and_every_run(tmp_path, mlp_infer_profile) -> None:
+    cmp = compare(CompareConfig("mlp", "partime", "cpu,cpu", samples=40, mode="infer", transport="local",
+                                profile=mlp_infer_profile, repeats=3))
+    runs = cmp.measured["throughput_runs_sps"]
+    assert len(runs) == 3 and all(r > 0 for r in runs)
+    assert cmp.measured["throughput_sps"] == sorted(runs)[1]  # the median run is the one reported
+    assert cmp.error["throughput_sps"] == pytest.approx((cmp.predicted["throughput_sps"] - sorted(runs)[1])
+                                                        / sorted(runs)[1])
+    assert cmp.measured["speedup"] is not None  # against the median of the baseline runs
+    out = write_report(cmp, tmp_path / "report")
+    assert "each of the 3 runs" in (out / "comparison.md").read_text()
+    assert json.loads((out / "comparison.json").read_text())["config"]["repeats"] == 3
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
+def test_compare_rejects_bad_repeats(repeats) -> None:
+    with pytest.raises(ConfigError, match="repeats"):
+        compare(CompareConfig("mlp", "partime", "cpu,cpu", samples=40, transport="local", repeats=repeats))
+
+
+def test_compare_cli_repeats_lists_the_runs(capsys, mlp_infer_profile) -> None:
+    argv = ["compare", "--network", "mlp", "--schedule", "partime", "--mode", "infer", "--samples", "40",
+            "--transport", "local", "--profile", mlp_infer_profile, "--repeats", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured throughput of the 2 runs" in out
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["0"])
+    assert "--repeats" in capsys.readouterr().err
