@@ -7,10 +7,12 @@ of the same tensor (goal <= 1.5x); (c) this backend vs ``torch.distributed.pipel
 same stages (gpipe and 1f1b with microbatches; a stream of single samples); (d) worker processes
 bound to a core each (the default) vs left to the OS (``--no-pin-cores``), on the accuracy set's
 small networks; (e) a lockstep tick with messages in flight: one connection shared by the
-messages and the barrier vs a group per direction (the transport's ``directed_groups``).
+messages and the barrier vs a group per direction (the transport's ``directed_groups``); (f) what
+the tick's barrier and messages cost a stage's real torch compute vs a busy loop of the same
+length (the kind of compute the profiler's barrier and message measurements use).
 
 Run: python benchmarks/bench_backend.py [--quick]   (prints Markdown for BENCHMARKS.md)
-     [--parts abcde] (a subset of the five parts) [--malloc-diagnostic] (every worker process runs
+     [--parts abcdef] (a subset of the six parts) [--malloc-diagnostic] (every worker process runs
      with glibc told to keep freed memory instead of returning it to the OS: shows what the fresh
      page faults of newly allocated receive buffers cost; not how the backend runs by default)
 
@@ -442,10 +444,122 @@ def tick_traffic(quick: bool) -> list[str]:
     return lines
 
 
+# ---- (f) what a lockstep tick costs real torch compute vs a busy loop of the same length -----------------
+COMPUTE_VARIANTS = (("free", False, False), ("barrier", True, False), ("messages", False, True), ("both", True, True))
+
+
+def _compute_kind_worker(rank: int, port: int, ticks: int, blocks: int, out: str) -> None:
+    """Partime-like ticks of lenet training split in two stages (layers 0-2 on rank 0, 3-6 on rank
+    1): forward, backward, optimizer step, with or without the tick's barrier and its messages
+    (rank 0 sends the activation after its forward, rank 1 the gradient after its backward, each
+    taken a tick later; a group per direction, as the backend). The same ticks run with the
+    stage's real layers and with ``_busy`` loops of the real tasks' median durations (what the
+    profiler's barrier and message measurements compute); blocks of every (compute, variant)
+    alternate. Rank 0 writes per block its mean task time per tick (forward + backward + step,
+    the barrier and message waits left out) and its mean tick."""
+    from partime_sim.backends.affinity import bind_worker
+    from partime_sim.backends.profiler import _busy
+    from partime_sim.backends.transport import directed_groups
+    from partime_sim.models import build_torch_model
+
+    bind_worker(rank, 2, 1)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    groups = directed_groups([(0, 1), (1, 0)], torch.device("cpu"))
+    layers = list(build_torch_model("lenet").children())
+    stage = nn.Sequential(*(layers[:3] if rank == 0 else layers[3:]))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        act = nn.Sequential(*layers[:3])(x)
+    inp = x if rank == 0 else act.clone()
+    cotangent = torch.randn_like(stage(inp))
+    opt = torch.optim.SGD(stage.parameters(), lr=1e-5)
+    peer = 1 - rank
+
+    def real_tasks() -> list[int]:
+        stamps = [time.perf_counter_ns()]
+        out_ = stage(inp)
+        stamps.append(time.perf_counter_ns())
+        torch.autograd.backward(out_, cotangent)
+        stamps.append(time.perf_counter_ns())
+        opt.step()
+        opt.zero_grad()
+        stamps.append(time.perf_counter_ns())
+        return stamps
+
+    durations = np.median([np.diff(real_tasks()) for _ in range(200)], axis=0) * 1e-9  # warm-up too
+
+    def tick(real: bool, messages: bool, sent: list) -> float:
+        """One tick's compute, sending as the stage does; returns its task seconds (sends included)."""
+        total = 0.0
+        for k, seconds in enumerate(durations):
+            t0 = time.perf_counter_ns()
+            if real:
+                if k == 0:
+                    out_ = stage(inp)
+                elif k == 1:
+                    torch.autograd.backward(out_, cotangent)
+                else:
+                    opt.step()
+                    opt.zero_grad()
+            else:
+                _busy(float(seconds))
+            if messages and (rank, k) in ((0, 0), (1, 1)):  # activation after F, gradient after B
+                sent.append(dist.isend(act, peer, group=groups[(rank, peer)]))
+            total += (time.perf_counter_ns() - t0) * 1e-9
+        return total
+
+    res: dict[str, list[list[float]]] = {}
+    for _ in range(blocks):
+        for real in (True, False):
+            for name, barrier, messages in COMPUTE_VARIANTS:
+                posted = [dist.irecv(torch.empty_like(act), peer, group=groups[(peer, rank)])
+                          for _ in range(2)] if messages else []
+                sent: list = []
+                dist.barrier()
+                tasks, ticks_s = [], []
+                for i in range(ticks):
+                    t0 = time.perf_counter_ns()
+                    if messages and i > 0:  # last tick's message from the peer
+                        posted.pop(0).wait()
+                        posted.append(dist.irecv(torch.empty_like(act), peer, group=groups[(peer, rank)]))
+                    tasks.append(tick(real, messages, sent))
+                    if barrier:
+                        dist.barrier()
+                    ticks_s.append((time.perf_counter_ns() - t0) * 1e-9)
+                if messages:  # the peer posted one receive past the last tick
+                    sent.append(dist.isend(act, peer, group=groups[(rank, peer)]))
+                for work in posted + sent:
+                    work.wait()
+                dist.barrier()
+                res.setdefault(f"{'real' if real else 'busy'}|{name}", []).append(
+                    [float(np.mean(tasks[ticks // 10:])), float(np.mean(ticks_s[ticks // 10:]))])
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def compute_kind(quick: bool) -> list[str]:
+    ticks, blocks = (150, 2) if quick else (300, 6)
+    res = {k: np.asarray(v) for k, v in _pair_result(_compute_kind_worker, ticks, blocks).items()}
+    lines = ["| compute | tick has | rank 0 task ms per tick | extra over free | rank 0 tick ms |",
+             "|---|---|---|---|---|"]
+    for kind in ("real", "busy"):
+        free = float(np.median(res[f"{kind}|free"][:, 0]))
+        for name, _, _ in COMPUTE_VARIANTS:
+            v = res[f"{kind}|{name}"]
+            task, tick_s = float(np.median(v[:, 0])), float(np.median(v[:, 1]))
+            lines.append(f"| {kind} | {name} | {task * 1e3:.3f} | {(task - free) * 1e3:+.3f} | {tick_s * 1e3:.3f} |")
+    lines.append(f"\n(lenet training split 3+4 layers, rank 0 the heavier stage; medians of {blocks} alternating "
+                 f"blocks of {ticks} ticks; 'busy' = the profiler's ``_busy`` loop for each task's median real "
+                 "duration; processes bound to a core each)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
-    parser.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab' (default: abcde)")
+    parser.add_argument("--parts", default="abcdef", help="which parts to run, e.g. 'ab' (default: abcdef)")
     parser.add_argument("--malloc-diagnostic", action="store_true",
                         help=f"run every worker process with {MALLOC_ENV} (a diagnostic, not the default)")
     args = parser.parse_args()
@@ -470,6 +584,9 @@ def main() -> None:
     if "e" in args.parts:
         print("\n### (e) a lockstep tick with messages in flight: one connection vs a group per direction\n")
         print("\n".join(tick_traffic(args.quick)))
+    if "f" in args.parts:
+        print("\n### (f) what a lockstep tick costs real torch compute vs a busy loop of the same length\n")
+        print("\n".join(compute_kind(args.quick)))
     print(f"\n(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 
 
