@@ -74,6 +74,9 @@ CALIBRATION_SAMPLES = 120  # fewest samples per calibration run (the first quart
 CALIBRATION_SECONDS = 1.0  # ...and at least this long measured: 0.1 s lenet runs moved 25% from one to the next
 CALIBRATION_MAX_SAMPLES = 4000  # most samples per calibration run...
 CALIBRATION_MAX_BYTES = 256 * 2**20  # ...and most bytes of their inputs (beyond the fewest samples)
+IDLE_POINTS_S = (5e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # idle times the idle penalty is measured at: a barrier's wait .. a flush
+IDLE_SECONDS = 4.0  # the idle-penalty measurement lasts about this long...
+IDLE_MIN_TASKS = 60  # ...with at least this many tasks after each idle time
 DIST_TIMEOUT_S = 30.0  # torch.distributed rendezvous/op timeout inside the link workers
 
 
@@ -388,6 +391,92 @@ def _concurrent_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int,
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def idle_penalty_points(task: Callable[[], Any], seconds: float = IDLE_SECONDS,
+                        idles: Sequence[float] = IDLE_POINTS_S, seed: int = 0) -> tuple[tuple[float, float], ...]:
+    """``Cluster.idle_penalty``: how much longer ``task`` takes after its core sat idle.
+
+    Why: compute right after an idle core is slower, by more the longer the core slept (a lenet
+    sample of ~1 ms, bound to a core: +0.03-0.05 ms after 0.1 ms idle, +0.06-0.09 after 0.3 ms,
+    +0.11-0.2 after 1 ms, +0.35-0.7 after 3 ms); a lockstep stage idles at every barrier, a
+    gpipe stage for the other stages' phase. Real compute shows it, a busy loop of small matrix
+    products does not (BENCHMARKS.md, backend part f), so the task is the network's own.
+    ``task`` runs after an idle time drawn at random from 0 and ``idles`` (a sleep: the thread
+    blocks and the core idles, as a worker waiting for a message or a barrier), interleaved so
+    that a slow phase of the machine hits every point alike, for about ``seconds`` and at least
+    ``IDLE_MIN_TASKS`` times per point. A point's extra is its mean time less the mean back to
+    back, kept only where it exceeds twice its standard error (else 0: noise is not charged),
+    and no point costs less than a shorter idle (the curve never falls)."""
+    points = (0.0, *idles)
+    for _ in range(3):  # warm-up
+        task()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        task()
+    per_task = (time.perf_counter() - t0) / 3
+    count = max(int(seconds / (per_task + float(np.mean(points)))), IDLE_MIN_TASKS * len(points))
+    times: list[list[float]] = [[] for _ in points]
+    for k in np.random.default_rng(seed).integers(len(points), size=count).tolist():
+        if points[k] > 0:
+            time.sleep(points[k])
+        t0 = time.perf_counter()
+        task()
+        times[k].append(time.perf_counter() - t0)
+    base = np.asarray(times[0])
+    curve, floor = [], 0.0
+    for idle, t in zip(idles, times[1:]):
+        t = np.asarray(t)
+        if t.size < 2 or base.size < 2:
+            continue
+        extra = float(t.mean() - base.mean())
+        error = math.sqrt(t.var(ddof=1) / t.size + base.var(ddof=1) / base.size)
+        floor = max(floor, extra if extra > 2 * error else 0.0)
+        curve.append((float(idle), floor))
+    return tuple(curve)
+
+
+def _idle_worker(spec: str, seed: int, dtype: str, input_shape: tuple[int, ...], mode: str, threads: int | None,
+                 pin_cores: bool, seconds: float, out: Any) -> None:
+    """One process bound as a backend worker: the idle penalty of one sample through the whole
+    model in ``mode`` (forward; training: backward and an SGD step too)."""
+    from partime_sim.models import _torch_dtype
+    from partime_sim.torch_networks import resolve_model
+
+    try:
+        if pin_cores:
+            bind_worker(0, 2, threads or 1)
+        torch.set_num_threads(threads or 1)
+        model = resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).model.to(_torch_dtype(dtype))
+        x, _ = _calibration_stream(model, input_shape, 1)
+        inp = torch.as_tensor(x, dtype=_torch_dtype(dtype))
+        step = make_torch_optimizer(OptimizerSpec("sgd"), list(model.parameters())).step
+
+        def task() -> None:
+            if mode == "infer":
+                with torch.no_grad():
+                    model(inp)
+                return
+            model(inp).square().mean().backward()
+            step()
+            model.zero_grad()
+
+        out.put(("ok", idle_penalty_points(task, seconds)))
+    except BaseException as exc:
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure_idle_penalty(spec: str, seed: int = 0, dtype: str = "float32", input_shape: tuple[int, ...] | None = None,
+                         mode: str = "train", *, threads: int | None = None, pin_cores: bool = True,
+                         seconds: float = IDLE_SECONDS) -> tuple[tuple[float, float], ...]:
+    """``idle_penalty_points`` of the model ``spec`` in a spawned process bound to a core as a
+    backend worker is (this process's own cores and threads are left alone)."""
+    from partime_sim.torch_networks import resolve_model
+
+    shape = tuple(resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).input_shape)
+    args = [(spec, seed, dtype, shape, mode, threads, pin_cores, seconds)]
+    (points,) = _spawned_reports(_idle_worker, args, 1, "the idle-penalty measurement", "run again")
+    return tuple((float(a), float(b)) for a, b in points)
+
+
 def _spawned_reports(target: Callable[..., None], args: Sequence[tuple], reports: int, what: str, hint: str,
                      timeout_s: float = LINK_TIMEOUT_S) -> list[Any]:
     """Start one spawned process per ``args`` entry (``target(*entry, out)``) and collect
@@ -526,12 +615,14 @@ class LinkProfile:
 
 
 def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeats: int, pin_cores: bool,
-                 skews: Sequence[float], out: Any) -> None:
+                 skews: Sequence[float], mode: str, out: Any) -> None:
     """One of two gloo processes: rank 0 ping-pongs float32 tensors with rank 1 (one-way time =
-    round trip / 2), times ``dist.barrier`` (at ``skews``, and with both arriving at once) and a
-    message's cost at each end under load; rank 0 reports
+    round trip / 2), times lockstep ticks with the messages of ``mode`` (at ``skews``, and with
+    both arriving at once) and a message's cost at each end under load; rank 0 reports
     ``("ok", (points, (barrier_s, barrier_close_s), (send_cost_s, recv_cost_s)))``."""
     import torch.distributed as dist
+
+    from partime_sim.backends.transport import directed_groups
 
     try:
         if pin_cores:  # as a backend stage process runs: bound first, then one thread
@@ -556,11 +647,20 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
                     times.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
             points.append([float(_nbytes(buf)), float(np.median(times))])
         rounds = warmup + max(repeats, BARRIER_ROUNDS)
-        barriers = tuple(_barrier_after_compute(rank, dist, rounds, warmup, at) for at in (skews, (0.0,)))
-        costs = _message_costs(rank, dist)
+        groups = directed_groups([(0, 1), (1, 0)], torch.device("cpu"))
+        barriers = []
+        for at in (skews, (0.0,)):
+            mine = torch.from_numpy(_tick_stamps(rank, dist, rounds, at, _TickMessages(rank, dist, groups, mode)))
+            if rank == 1:
+                dist.send(mine, 0)
+            else:
+                theirs = torch.empty_like(mine)
+                dist.recv(theirs, 1)
+                barriers.append(_tick_cost([mine.numpy(), theirs.numpy()], warmup))
+        costs = _message_costs(rank, dist, mode)
         dist.destroy_process_group()
         if rank == 0:
-            out.put(("ok", (points, barriers, costs)))
+            out.put(("ok", (points, tuple(barriers), costs)))
     except BaseException as exc:  # report, so the parent stops at once instead of waiting for a timeout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         out.put(("error", f"rank {rank}: {type(exc).__name__}: {first}"))
@@ -587,29 +687,85 @@ def tick_skews(stage_s: float, cv: float, points: int = BARRIER_SKEW_POINTS) -> 
     return tuple(float(s) for s in np.clip(skews, BARRIER_MIN_SKEW_S, BARRIER_MAX_SKEW_S))
 
 
-def _barrier_after_compute(rank: int, dist: Any, rounds: int, warmup: int,
-                           skews: Sequence[float] = BARRIER_SKEWS_S) -> float:
-    """Seconds a lockstep tick's barrier costs its last arrival (rank 0's mean; 0 on rank 1).
-    ``dist`` is ``torch.distributed`` or a worker's ``LocalTransport``: anything with ``barrier()``.
+def _tick_stamps(rank: int, dist: Any, rounds: int, skews: Sequence[float] = BARRIER_SKEWS_S,
+                 messages: _TickMessages | None = None) -> np.ndarray:
+    """``(rounds, 2)`` ``perf_counter_ns`` stamps of lockstep ticks on this rank: when it reached
+    the barrier, and when it could go on (after the barrier and, with ``messages``, after the
+    peer's message of the tick). ``dist`` is ``torch.distributed`` or a worker's
+    ``LocalTransport``: anything with ``barrier()``.
 
-    Back-to-back barriers (nothing between them) under-state it two- to threefold on a VM: in a
-    tick both processes compute first, and the one that arrives early blocks, its core goes
+    Back-to-back barriers (nothing between them) under-state a tick two- to threefold on a VM: in
+    a tick both processes compute first, and the one that arrives early blocks, its core goes
     idle and has to be woken when the last one arrives; and two that arrive within ~0.05 ms of
     each other stall now and then for a scheduler slice (3-4 ms; a 0.2 ms barrier then averages
     ~1 ms, against 0.15-0.25 ms at skews of 0.1 ms and more, measured with bound processes). So
     each round both compute ``BARRIER_COMPUTE_S``, rank 0 ``skews[i]`` longer (cycling: a
     network's ``tick_skews``; by default from balanced stages to one idle for milliseconds),
-    then meet at the barrier; rank 0's wait is the tick's cost (what the simulator charges
-    after the last arrival). Median of ``BARRIER_BLOCKS`` block means: a lockstep run pays the
-    tail, not a stall."""
-    waits = []
+    send the tick's message if any, then meet at the barrier."""
+    stamps = np.zeros((rounds, 2), dtype=np.int64)
     for i in range(rounds):
         _busy(BARRIER_COMPUTE_S + (skews[i % len(skews)] if rank == 0 else 0.0))
-        t0 = time.perf_counter_ns()
+        if messages is not None:
+            messages.send()
+        stamps[i, 0] = time.perf_counter_ns()
         dist.barrier()
-        if i >= warmup:
-            waits.append((time.perf_counter_ns() - t0) * 1e-9)
-    return float(np.median([b.mean() for b in np.array_split(np.array(waits), BARRIER_BLOCKS)])) if rank == 0 else 0.0
+        if messages is not None:
+            messages.receive()
+        stamps[i, 1] = time.perf_counter_ns()
+    if messages is not None:
+        messages.close()
+    return stamps
+
+
+def _tick_cost(stamps: Sequence[np.ndarray], warmup: int) -> float:
+    """Seconds a lockstep tick costs after its last arrival (what the simulator charges a
+    BARRIER): per round, the last rank to go on minus the last to arrive, from every rank's
+    ``_tick_stamps`` (one clock: the ranks run on one machine, where ``perf_counter_ns`` is
+    system-wide). Median of ``BARRIER_BLOCKS`` block means after ``warmup`` rounds: a lockstep
+    run pays the tail, not a stall of the VM."""
+    arrive = np.max([s[warmup:, 0] for s in stamps], axis=0)
+    go_on = np.max([s[warmup:, 1] for s in stamps], axis=0)
+    cost = (go_on - arrive) * 1e-9
+    return float(np.median([b.mean() for b in np.array_split(cost, BARRIER_BLOCKS)]))
+
+
+class _TickMessages:
+    """The messages of a lockstep tick in ``mode``, as the backend's workers send them: each
+    stage's output goes out before the barrier (training both ways, an activation and a
+    gradient; inference 0 -> 1) over a group per direction (``directed_groups``), and the
+    receiver takes it after the barrier, its receive posted a tick ahead.
+
+    Why: the barrier timed alone missed what the tick's messages add to it; with them it cost
+    lenet-sized ticks 0.06-0.15 ms more in training (the receive waits after the barrier, the
+    barrier's own messages behind the data), about nothing in inference."""
+
+    def __init__(self, rank: int, dist: Any, groups: dict[tuple[int, int], Any], mode: str,
+                 floats: int = 256) -> None:
+        self.dist, self.peer = dist, 1 - rank
+        self.out_group, self.in_group = groups[(rank, self.peer)], groups[(self.peer, rank)]
+        self.sends, self.recvs = mode == "train" or rank == 0, mode == "train" or rank == 1
+        self.msg, self.sent = torch.zeros(floats), []
+        self.posted = self._post() if self.recvs else None
+
+    def _post(self) -> Any:
+        return self.dist.irecv(torch.empty_like(self.msg), self.peer, group=self.in_group)
+
+    def send(self) -> None:
+        if self.sends:
+            self.sent.append(self.dist.isend(self.msg, self.peer, group=self.out_group))
+
+    def receive(self) -> None:
+        if self.recvs:
+            self.posted.wait()
+            self.posted = self._post()
+
+    def close(self) -> None:
+        """The peer posted one receive past the last tick: send it, then wait for everything."""
+        self.send()
+        for work in self.sent:
+            work.wait()
+        if self.recvs:
+            self.posted.wait()
 
 
 def _busy(seconds: float) -> None:
@@ -621,74 +777,92 @@ def _busy(seconds: float) -> None:
         torch.mm(a, a)
 
 
-def _message_costs(rank: int, dist: Any, steps: int = MESSAGE_STEPS) -> tuple[float, float]:
+def _message_costs(rank: int, dist: Any, mode: str = "train", steps: int = MESSAGE_STEPS) -> tuple[float, float]:
     """Seconds a message costs its sender and its receiver while both processes compute, as in a
-    pipeline: ``(send_cost_s, recv_cost_s)`` (on rank 0; zeros on rank 1).
+    pipeline of ``mode``: ``(send_cost_s, recv_cost_s)`` (on rank 0; zeros on rank 1).
 
     A ping-pong between idle processes misses it: in a pipeline every core is busy, the
     receiver's communication thread has to be scheduled in, and a receiver that blocked (its
     core idle) has to be woken, which on some VMs takes milliseconds. The two ranks run a
-    2-stage training pipeline in miniature: every step rank 0 computes ~0.2 ms and sends an
-    "activation"; rank 1 receives it, computes half as long and sends a "gradient" back, which
-    rank 0 receives two steps later (two samples in flight, as in 1F1B). The same steps are
-    timed without messages. Rank 0 sends one message and receives one per step: its mean extra
-    time per step (median over ``MESSAGE_COST_PAIRS`` alternating pairs of timings, >= 0) is the
-    cost of a message at both ends, half at each (what one end spends on a message, its
-    communication thread run on its core and its wait woken, the other end spends too; a CPU
-    timing of each end alone, 0.07-0.10 ms, misses the wake-ups, and with it lenet's streaming
-    pipelines came out 30-40% faster than they ran)."""
+    2-stage pipeline in miniature: every step the sender computes ~0.2 ms and sends an
+    "activation", the receiver takes it and computes; the same steps are timed without
+    messages, in ``MESSAGE_COST_PAIRS`` alternating pairs, and the median extra time per step of
+    the rank that computes longer (the one that never waits) counts (>= 0).
+
+    Training sends a "gradient" back every step, which rank 0 (computing twice as long) takes
+    two steps later (two samples in flight, as in 1F1B); rank 0 sends one message and receives
+    one per step, and its extra time is the cost of a message at both ends, half at each (what
+    one end spends on a message, its communication thread run on its core and its wait woken,
+    the other end spends too; a CPU timing of each end alone, 0.07-0.10 ms, misses the wake-ups,
+    and with it lenet's streaming pipelines came out 30-40% faster than they ran).
+    Inference sends one way: the sender's cost is rank 0's extra with rank 0 computing longer,
+    the receiver's is rank 1's with rank 1 computing longer. Why: charged the two-way figure,
+    a lenet inference pipeline's stages paid 0.3 ms per message where one-way traffic costs the
+    sender ~0.1 ms and the receiver ~0.07 ms."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
     peer = 1 - rank
+    two_way = mode == "train"
 
-    def compute() -> None:  # rank 1 computes half as long: it waits for messages, as the
-        for _ in range(8 if rank == 0 else 4):  # stages off a pipeline's bottleneck do
+    def compute(heavy: int) -> None:  # the lighter rank computes half as long: it waits for
+        for _ in range(8 if rank == heavy else 4):  # messages, as stages off the bottleneck do
             torch.mm(a, a)
 
-    def timed(send: bool) -> float:
+    def timed(send: bool, heavy: int) -> float:
         dist.barrier()
-        times, pending = [], []
-        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(min(LOOKAHEAD_RECV, steps))] if send else []
-        expected = steps if rank == 1 else steps - 2  # rank 0 leaves the last two gradients behind
-        received = 0
+        receives = send and (two_way or rank == 1)
+        # rank 0 takes gradients two steps late and leaves the last two behind
+        expected = steps - 2 if rank == 0 else steps
+        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(min(LOOKAHEAD_RECV, steps))] if receives else []
+        times, pending, received = [], [], 0
         for i in range(steps):
             t0 = time.perf_counter_ns()
-            if send and received < expected and (rank == 1 or i >= 2):
+            if receives and received < expected and (rank == 1 or i >= 2):
                 posted.pop(0).wait()
                 received += 1
                 if received + len(posted) < steps:
                     posted.append(dist.irecv(torch.empty_like(msg), peer))
-            compute()
-            if send:
+            compute(heavy)
+            if send and (two_way or rank == 0):
                 pending.append(dist.isend(msg, peer))
             times.append(time.perf_counter_ns() - t0)
-        for work in posted:  # the gradients rank 0 did not wait for in the loop
-            work.wait()
-        for work in pending:
+        for work in posted + pending:  # the gradients rank 0 did not wait for in the loop, and the sends
             work.wait()
         return float(np.mean(times[steps // 4:])) * 1e-9
 
-    for _ in range(2):  # warm-up
-        timed(False)
-    # one pair is at the mercy of a slow phase of the machine (it moved this cost 0.09..0.41 ms
-    # between profiles): alternate the two, several pairs, and keep the median difference
-    extra = [timed(True) - timed(False) for _ in range(MESSAGE_COST_PAIRS)]
-    half = 0.0 if rank == 1 else max(float(np.median(extra)), 0.0) / 2
-    return half, half
+    def extra(heavy: int) -> float:
+        """The median extra seconds per step of rank ``heavy`` (0.0 on the other rank)."""
+        for _ in range(2):  # warm-up
+            timed(False, heavy)
+        # one pair is at the mercy of a slow phase of the machine (it moved this cost 0.09..0.41 ms
+        # between profiles): alternate the two, several pairs, and keep the median difference
+        diffs = [timed(True, heavy) - timed(False, heavy) for _ in range(MESSAGE_COST_PAIRS)]
+        return max(float(np.median(diffs)), 0.0) if rank == heavy else 0.0
+
+    if two_way:
+        half = extra(0) / 2
+        return half, half
+    send = extra(0)
+    recv = torch.tensor([extra(1)], dtype=torch.float64)  # measured on rank 1, reported by rank 0
+    if rank == 1:
+        dist.send(recv, 0)
+        return 0.0, 0.0
+    dist.recv(recv, 1)
+    return send, float(recv[0])
 
 
 def _measure_gloo(sizes: Sequence[int], warmup: int, repeats: int, timeout_s: float = LINK_TIMEOUT_S,
-                  pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S
+                  pin_cores: bool = True, skews: Sequence[float] = BARRIER_SKEWS_S, mode: str = "train"
                   ) -> tuple[list[list[float]], tuple[float, float], tuple[float, float]]:
-    """Spawn two local gloo processes; their (bytes, one-way s) points, barrier seconds (at
-    ``skews``, and with both arriving at once) and a message's cost to its sender and its
-    receiver under load (``_message_costs``).
+    """Spawn two local gloo processes; their (bytes, one-way s) points, lockstep tick seconds
+    with ``mode``'s messages (at ``skews``, and with both arriving at once) and a message's cost
+    to its sender and its receiver under load in ``mode`` (``_message_costs``).
     A worker that fails or dies stops the measurement at once; a stuck one is killed at timeout."""
     from partime_sim.backends.launch import free_port
 
     hint = "check that loopback TCP works (GLOO_SOCKET_IFNAME), or use --transport local"
     port = free_port()
-    args = [(r, port, list(sizes), warmup, repeats, pin_cores, tuple(skews)) for r in range(2)]
+    args = [(r, port, list(sizes), warmup, repeats, pin_cores, tuple(skews), mode) for r in range(2)]
     (report,) = _spawned_reports(_link_worker, args, 1, "the gloo link measurement", hint, timeout_s)
     return report
 
@@ -704,12 +878,13 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int,
     main, peer = LocalTransport(hub, 0, device), LocalTransport(hub, 1, device)
     item = torch.zeros(1, device=device)
     rounds, barriers = warmup + repeats, warmup + max(repeats, BARRIER_ROUNDS)
+    stamps: list[np.ndarray] = []
 
     def echo() -> None:
         try:
             for i in range(rounds):
                 peer.send(2 * i + 1, 0, peer.recv(2 * i, 0, tuple(item.shape), item.dtype))
-            _barrier_after_compute(1, peer, barriers, warmup, skews)
+            stamps.append(_tick_stamps(1, peer, barriers, skews))
         except BaseException:
             hub.abort()
             raise
@@ -722,9 +897,9 @@ def _measure_handoff(device: torch.device, warmup: int, repeats: int,
         main.send(2 * i, 1, item)
         main.recv(2 * i + 1, 1, tuple(item.shape), item.dtype)
         hand.append((time.perf_counter_ns() - t0) * 1e-9 / 2)
-    wait = _barrier_after_compute(0, main, barriers, warmup, skews)
+    mine = _tick_stamps(0, main, barriers, skews)
     worker.join()
-    return float(np.median(hand[warmup:])), wait
+    return float(np.median(hand[warmup:])), _tick_cost([mine, *stamps], warmup)
 
 
 def _copy_points(src: torch.device, dst: torch.device, sizes: Sequence[int], warmup: int,
@@ -758,6 +933,7 @@ def profile_links(
     repeats: int = 10,
     pin_cores: bool = True,
     barrier_skews: Sequence[float] = BARRIER_SKEWS_S,
+    mode: str = "train",
 ) -> LinkProfile:
     """Measure the links a pipeline over ``devices`` uses.
 
@@ -770,10 +946,11 @@ def profile_links(
     CUDA (untested without a GPU): the host link is fitted from pinned host -> device copies and
     each pair of distinct GPUs from device -> device copies; a pipeline of several processes or
     threads on one GPU costs the handoff only (distributed NCCL cannot pair two ranks on one GPU).
-    The barrier is timed with its last arrival late by ``barrier_skews`` in turn (a network's
-    ``tick_skews``; by default from 0 to 3 ms) and, between gloo processes, with both arriving
-    at once too (``barrier_close_s``); ``pin_cores`` binds the two processes as the backend
-    binds its workers.
+    The barrier is timed as a lockstep tick's, with its last arrival late by ``barrier_skews`` in
+    turn (a network's ``tick_skews``; by default from 0 to 3 ms) and, between gloo processes,
+    with the tick's messages in ``mode`` (``_TickMessages``) and with both arriving at once too
+    (``barrier_close_s``); the message costs follow ``mode``'s traffic (``_message_costs``);
+    ``pin_cores`` binds the two processes as the backend binds its workers.
     """
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
@@ -786,8 +963,8 @@ def profile_links(
         if transport == "local":
             handoff, barrier = _measure_handoff(devs[0], warmup, repeats, barrier_skews)
             return LinkProfile(Link(latency_s=handoff), Link(), barrier)
-        points, (barrier, close), (send_cost, recv_cost) = _measure_gloo(sizes, warmup, repeats,
-                                                                          pin_cores=pin_cores, skews=barrier_skews)
+        points, (barrier, close), (send_cost, recv_cost) = _measure_gloo(
+            sizes, warmup, repeats, pin_cores=pin_cores, skews=barrier_skews, mode=mode)
         # gloo copies through sockets with CPU time (the sender's thread, the receiver's gloo
         # thread) taken from the same cores the stages compute on
         link = dataclasses.replace(fit_link(*zip(*points)), sender_busy=True, send_cost_s=send_cost,
@@ -917,7 +1094,8 @@ def profile(
     if calibrated:  # a lockstep tick of this network: its stages' compute, drawn with the measured spread
         cls = device_class(devs[0])
         skews = tick_skews(_sample_seconds(per_class[cls], cls, overheads[cls], mode) / count, jitter[cls])
-    links = profile_links([str(d) for d in devs], transport, link_sizes, pin_cores=pin_cores, barrier_skews=skews)
+    links = profile_links([str(d) for d in devs], transport, link_sizes, pin_cores=pin_cores, barrier_skews=skews,
+                          mode=mode)
     # workers share CPU cores, or one GPU repeated (threads and streams); distinct GPUs are taken
     # not to slow each other
     shared_gpu = transport == "local" and len(devs) > 1 and len(set(map(str, devs))) == 1 and devs[0].type == "cuda"
@@ -926,6 +1104,9 @@ def profile(
         slowdown = concurrency_slowdown(spec, count, transport, seed, dtype, tuple(resolved.input_shape), mode,
                                         samples=samples[device_class(devs[0])], threads=threads,
                                         device=str(devs[0]), pin_cores=pin_cores)
+    # compute after an idle core is slower (a property of the CPU's cores; GPUs not measured)
+    idle = measure_idle_penalty(spec, seed, dtype, tuple(resolved.input_shape), mode, threads=threads,
+                                pin_cores=pin_cores) if calibrated and all(d.type == "cpu" for d in devs) else ()
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]
@@ -937,7 +1118,7 @@ def profile(
         host_link=links.host_link, barrier_s=links.barrier_s * barrier_rounds(count),
         barrier_close_s=links.barrier_close_s * barrier_rounds(count),
         barrier_close_window_s=BARRIER_CLOSE_WINDOW_S if links.barrier_close_s > 0 else 0.0,
-        concurrency_slowdown=slowdown,
+        concurrency_slowdown=slowdown, idle_penalty=idle,
     )
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -949,6 +1130,6 @@ def profile(
         "barrier_per_round_s": links.barrier_s, "barrier_close_per_round_s": links.barrier_close_s,
         "mode": mode, "calibrated": calibrated, "task_overhead_s": overheads, "direct": direct,
         "jitter": jitter, "concurrency_slowdown": slowdown, "calibration_samples": samples,
-        "pin_cores": pin_cores, "barrier_skews_s": list(skews),
+        "pin_cores": pin_cores, "barrier_skews_s": list(skews), "idle_penalty": [list(p) for p in idle],
     }
     return Profile(network, cluster, meta)

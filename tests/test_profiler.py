@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from partime_sim.backends.profiler import (
+    IDLE_POINTS_S,
     BARRIER_CLOSE_WINDOW_S, Profile, fit_link, load_profile, profile, profile_layers, profile_links,
 )
 from partime_sim.catalogue import get_network
@@ -132,14 +133,23 @@ def test_gloo_link_between_two_processes():
     assert links.link.sender_busy and links.link.send_cost_s > 0 and links.link.recv_cost_s > 0
 
 
-def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
-    """Each round both ranks compute first and rank 0 (whose wait is reported) arrives later by a
-    cycling skew; a barrier that costs 1 ms gives 1 ms, whatever the skew. A fake clock, so that
-    a loaded machine cannot stretch the figures."""
+def test_inference_links_time_one_way_traffic():
+    """Inference messages go one way: the tick's messages and the message costs are timed so,
+    each end measured where it computes longer (the link still fits, the figures are >= 0)."""
+    links = profile_links(["cpu"], "distributed", sizes=[4, 4096], warmup=1, repeats=5, mode="infer")
+    assert links.barrier_close_s >= links.barrier_s > 0
+    assert links.link.send_cost_s >= 0 and links.link.recv_cost_s >= 0 and links.link.latency_s > 0
+
+
+def test_ticks_compute_then_meet_with_the_last_arrival_late(monkeypatch):
+    """Each round both ranks compute first, rank 0 later by a cycling skew, send the tick's
+    message, stamp their arrival, meet at the barrier and take the peer's message; a barrier that
+    costs 1 ms and a receive that waits 0.25 ms go on 1.25 ms after the arrival. A fake clock, so
+    that a loaded machine cannot stretch the figures."""
     from partime_sim.backends import profiler
 
     clock_ns = [0]
-    events: list[float | str] = []  # seconds computed, and the barriers
+    events: list[float | str] = []  # seconds computed, and the barriers and messages
 
     def busy(seconds: float) -> None:
         events.append(seconds)
@@ -151,16 +161,41 @@ def test_barrier_is_timed_after_compute_with_the_last_arrival_late(monkeypatch):
             events.append("barrier")
             clock_ns[0] += 1_000_000
 
+    class FakeMessages:
+        def send(self) -> None:
+            events.append("send")
+
+        def receive(self) -> None:
+            events.append("receive")
+            clock_ns[0] += 250_000
+
+        def close(self) -> None:
+            events.append("close")
+
     monkeypatch.setattr(profiler, "time", SimpleNamespace(perf_counter_ns=lambda: clock_ns[0]))
     monkeypatch.setattr(profiler, "_busy", busy)
     monkeypatch.setattr(profiler, "BARRIER_COMPUTE_S", 2e-4)
-    assert profiler._barrier_after_compute(0, FakeDist, rounds=12, warmup=2, skews=(0.0, 2e-3)) == \
-        pytest.approx(1e-3, rel=1e-9)
-    # rank 0 computes before each barrier, later by the cycling skew
-    assert events == [2e-4, "barrier", 2e-4 + 2e-3, "barrier"] * 6
+    stamps = profiler._tick_stamps(0, FakeDist, rounds=12, skews=(0.0, 2e-3), messages=FakeMessages())
+    assert np.diff(stamps, axis=1).ravel().tolist() == [1_250_000] * 12
+    # rank 0 computes before each barrier, later by the cycling skew, and sends before it
+    assert events == [2e-4, "send", "barrier", "receive", 2e-4 + 2e-3, "send", "barrier", "receive"] * 6 + ["close"]
     events.clear()
-    assert profiler._barrier_after_compute(1, FakeDist, rounds=3, warmup=0, skews=(0.0, 2e-3)) == 0.0
-    assert events == [2e-4, "barrier"] * 3  # rank 1 without the skew
+    stamps = profiler._tick_stamps(1, FakeDist, rounds=3, skews=(0.0, 2e-3))
+    assert events == [2e-4, "barrier"] * 3 and np.diff(stamps, axis=1).ravel().tolist() == [1_000_000] * 3
+
+
+def test_tick_cost_is_the_last_to_go_on_after_the_last_to_arrive():
+    """Per round: max over ranks of (go on) - max over ranks of (arrival); the warm-up rounds
+    are dropped and the blocks' means have their median taken."""
+    from partime_sim.backends.profiler import BARRIER_BLOCKS, _tick_cost
+
+    rounds = 2 + 2 * BARRIER_BLOCKS
+    r0 = np.zeros((rounds, 2), dtype=np.int64)
+    r1 = np.zeros((rounds, 2), dtype=np.int64)
+    r0[:, 0], r0[:, 1] = 10_000, 12_000  # rank 0 arrives last, leaves first...
+    r1[:, 0], r1[:, 1] = 5_000, 13_000  # ...rank 1 waits for its message a little longer
+    r0[:2, 1] = 10**9  # a stalled warm-up round counts for nothing
+    assert _tick_cost([r0, r1], warmup=2) == pytest.approx(3e-6, rel=1e-12)
 
 
 def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap_within_bounds():
@@ -174,6 +209,27 @@ def test_tick_skews_are_quantiles_of_two_jittered_stages_arrival_gap_within_boun
     assert tick_skews(2e-4, 0.0) == (BARRIER_MIN_SKEW_S,) == tick_skews(0.0, 0.3)  # no spread: the floor
     assert set(tick_skews(1e-4, 0.2)) == {BARRIER_MIN_SKEW_S}  # short ticks: all floored
     assert max(tick_skews(1.0, 0.5)) == BARRIER_MAX_SKEW_S  # long ticks: capped
+
+
+def test_idle_penalty_is_the_extra_time_after_each_idle_and_never_falls():
+    """A task that takes 0.6 ms longer after its core idled 2 ms or more: the 3 ms point shows the
+    0.6 ms, the short idles (nothing to see, but a loaded machine's sleeps overshoot) stay small."""
+    from partime_sim.backends.profiler import idle_penalty_points
+
+    last = [time.perf_counter()]
+
+    def task() -> None:
+        now = time.perf_counter()
+        end = now + 3e-4 + (6e-4 if now - last[0] > 2e-3 else 0.0)
+        while time.perf_counter() < end:
+            pass
+        last[0] = time.perf_counter()
+
+    curve = dict(idle_penalty_points(task, seconds=1.0))
+    assert list(curve) == list(IDLE_POINTS_S)
+    assert curve[3e-3] == pytest.approx(6e-4, abs=1.5e-4)
+    assert curve[5e-5] < 2e-4 and curve[1e-4] < 2e-4 and curve[3e-4] < 2e-4
+    assert list(curve.values()) == sorted(curve.values())  # more idle never costs less
 
 
 def test_busy_keeps_computing_for_the_time_asked():
@@ -343,6 +399,10 @@ def test_profile_records_the_calibration_length() -> None:
     prof = profile("mlp", ["cpu"], transport="local", warmup=1, repeats=3, calibration_s=0.3)
     (samples,) = prof.meta["calibration_samples"].values()
     assert CALIBRATION_SAMPLES < samples <= CALIBRATION_MAX_SAMPLES
+    # a CPU profile measures the idle penalty of its cores: a curve that never falls, in the JSON too
+    idle = prof.cluster.idle_penalty
+    assert [t for t, _ in idle] == list(IDLE_POINTS_S) and all(x >= 0 for _, x in idle)
+    assert all(a <= b for (_, a), (_, b) in zip(idle, idle[1:])) and prof.meta["idle_penalty"] == [list(p) for p in idle]
 
 
 def test_calibration_splits_the_measured_runs_exactly(monkeypatch) -> None:
