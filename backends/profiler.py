@@ -15,9 +15,11 @@ torch thread by default, because the backend runs each stage as one single-threa
 Calibration then replaces these with what real backend runs spend (``calibrate``): means, not
 medians, because a throughput pays every slow task. On CPU the profile also measures what a
 pipeline adds to isolated timings: the slowdown of workers computing at once
-(``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the barrier's cost,
-and the cost of a message to its sender and its receiver while both compute
-(``Link.send_cost_s``, ``Link.recv_cost_s``).
+(``concurrency_slowdown``), the spread of task times (``meta["jitter"]``), the cost of a
+lockstep tick's barrier with the tick's messages, the cost of a message to its sender and its
+receiver while both compute (``Link.send_cost_s``, ``Link.recv_cost_s``; the traffic of the
+profile's mode), and how much slower the network's compute runs after its core sat idle
+(``Cluster.idle_penalty``).
 """
 
 from __future__ import annotations
@@ -1044,6 +1046,7 @@ def profile(
     calibrated: bool = True,
     calibration_s: float = CALIBRATION_SECONDS,
     pin_cores: bool = True,
+    idle_penalty: bool = False,
 ) -> Profile:
     """Profile the model ``spec`` (a catalogue name or ``path/to/module.py:factory``) on ``devices``.
 
@@ -1054,7 +1057,11 @@ def profile(
     slowdown) lasts about ``calibration_s`` (``calibration_samples``). The cluster has one device
     per given device, and at least two (a pipeline needs two processes or threads, so ``cpu``
     alone measures two CPU processes), each of its class with speed 1.0, so the simulator takes
-    the measured costs.
+    the measured costs. With ``idle_penalty`` (CPU, calibrated) the cluster also charges how much
+    slower the network computes after its core sat idle (``measure_idle_penalty``); off by
+    default: in the session-21 accuracy runs it moved predictions further from the runs (MAPE
+    10.1% with it, 8.9% without, same profiles and runs; BENCHMARKS.md), so the profile's other
+    costs seem to hold part of it already.
     """
     from partime_sim.torch_networks import resolve_model
 
@@ -1105,8 +1112,9 @@ def profile(
                                         samples=samples[device_class(devs[0])], threads=threads,
                                         device=str(devs[0]), pin_cores=pin_cores)
     # compute after an idle core is slower (a property of the CPU's cores; GPUs not measured)
+    measure_idle = idle_penalty and calibrated and all(d.type == "cpu" for d in devs)
     idle = measure_idle_penalty(spec, seed, dtype, tuple(resolved.input_shape), mode, threads=threads,
-                                pin_cores=pin_cores) if calibrated and all(d.type == "cpu" for d in devs) else ()
+                                pin_cores=pin_cores) if measure_idle else ()
     classes = [device_class(devs[min(i, len(devs) - 1)]) for i in range(count)]
     memory = [torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else math.inf
               for d in (devs[min(i, len(devs) - 1)] for i in range(count))]

@@ -17,7 +17,6 @@ Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R]   (prints Markd
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -28,16 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from partime_sim.analysis.compare import CompareConfig, compare, predict
-from partime_sim.backends.profiler import load_profile, profile
+from partime_sim.analysis.compare import CompareConfig, compare
+from partime_sim.backends.profiler import profile
 
 SET = Path(__file__).with_name("accuracy_set.json")
 
 
-def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[float, float, float]]:
-    """(predicted, measured, predicted without the idle penalty) throughput of every
-    configuration, from this round's own profiles (the last: what the model's idle penalty is
-    worth, from the same profile and run)."""
+def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[float, float]]:
+    """(predicted, measured) throughput of every configuration, from this round's own profiles."""
     profiles: dict[tuple[str, str], str] = {}
     out = []
     for cfg in spec["configs"]:
@@ -51,12 +48,7 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[f
                                        transport="distributed", profile=profiles[key],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
                                        learning=False))
-        prof = load_profile(profiles[key])
-        no_idle = dataclasses.replace(prof, cluster=dataclasses.replace(prof.cluster, idle_penalty=()))
-        stages = 1 if cfg["schedule"] == "sequential" else len(cfg["devices"].split(","))
-        without = predict(no_idle, cfg["schedule"], stages, spec["samples"][cfg["mode"]] // samples_div, cfg["mode"],
-                          cfg.get("microbatches"))[0]["throughput_sps"]
-        out.append((result.predicted["throughput_sps"], result.measured["throughput_sps"], without))
+        out.append((result.predicted["throughput_sps"], result.measured["throughput_sps"]))
         print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: predicted {out[-1][0]:,.0f}, "
               f"measured {out[-1][1]:,.0f} samples/s", flush=True)
     return out
@@ -87,7 +79,7 @@ def main() -> None:
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s)\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r) for r in range(repeats)])
-    pred, meas, no_idle = rounds[..., 0], rounds[..., 1], rounds[..., 2]  # (round, config)
+    pred, meas = rounds[..., 0], rounds[..., 1]  # (round, config)
     err = np.median(pred, axis=0) / np.median(meas, axis=0) - 1
     print("\n| network | schedule | devices | mode | predicted samples/s (median; rounds) "
           "| measured samples/s (median; rounds) | error of medians |")
@@ -99,9 +91,6 @@ def main() -> None:
     print(f"\nMean absolute percentage error of predicted throughput (medians over {repeats} round(s)): "
           f"**{100 * np.mean(np.abs(err)):.1f}%** over {len(err)} configurations (goal <= 5%); "
           f"single rounds: {', '.join(f'{x:.1f}%' for x in per_round)}.")
-    err_no_idle = np.median(no_idle, axis=0) / np.median(meas, axis=0) - 1
-    print(f"Without the idle penalty (same profiles and runs): MAPE {100 * np.mean(np.abs(err_no_idle)):.1f}%; "
-          f"errors {', '.join(f'{100 * e:+.1f}%' for e in err_no_idle)}.")
     if repeats > 1:
         spread = 100 * (meas.max(axis=0) / meas.min(axis=0) - 1)
         print(f"Run-to-run spread of the measurement (max/min - 1) per configuration: "

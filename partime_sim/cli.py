@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sample [0]")
     p.add_argument("--calibration-seconds", type=_bounded(float, 0, False, "a number"), default=1.0,
                    help="measured length of each calibration run (at least 120 samples) [1.0]")
+    p.add_argument("--idle-penalty", action="store_true",
+                   help="CPU: also measure how much slower the network computes after its core sat idle and "
+                        "charge it (Cluster.idle_penalty; off by default, see BENCHMARKS.md)")
     _pin_cores_flag(p)
     p.add_argument("--out", type=_json_path, default=None, help="write the profile here (FILE.json)")
     p.add_argument("--json", action="store_true", help="print the profile JSON on stdout")
@@ -443,7 +446,7 @@ def _profile(args: argparse.Namespace) -> int:
     prof = profile(args.network, args.device.split(","), transport=args.transport, dtype=args.dtype,
                    input_shape=args.input_shape, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
                    threads=args.threads, calibration_s=args.calibration_seconds, mode=args.mode,
-                   pin_cores=args.pin_cores)
+                   pin_cores=args.pin_cores, idle_penalty=args.idle_penalty)
     if args.out is not None:
         prof.save(args.out)
     if args.json:
@@ -457,6 +460,9 @@ def _profile(args: argparse.Namespace) -> int:
           f"host link: {_link_text(cluster.host_link)}; barrier {cluster.barrier_s * 1e6:.1f} us"
           + (f" ({cluster.barrier_close_s * 1e6:.1f} us when the last two arrive within "
              f"{cluster.barrier_close_window_s * 1e6:.0f} us)" if cluster.barrier_close_window_s > 0 else ""))
+    if cluster.idle_penalty:
+        print("compute after an idle core takes longer by: " + ", ".join(
+            f"{extra * 1e6:.0f} us after {idle * 1e6:.0f} us" for idle, extra in cluster.idle_penalty))
     if args.out is not None:
         print(f"wrote {args.out}; use it: partime-sim simulate --network {args.out} --cluster {args.out} "
               f"--schedule partime --devices {cluster.num_devices}")

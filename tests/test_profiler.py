@@ -327,6 +327,7 @@ def test_cli_profile_writes_a_file_simulate_accepts(capsys, tmp_path):
     assert load_profile(path).meta["calibration_samples"] == {"cpu": 120}
     assert load_profile(path).meta["mode"] == "infer"  # calibrated on inference runs
     assert "fc7" in out and "latency" in out and f"--network {path} --cluster {path}" in out
+    assert "compute after an idle core" not in out and load_profile(path).cluster.idle_penalty == ()  # not asked
     prof = load_profile(path)
     link, points = prof.cluster.link, prof.meta["link_points"]["cpu->cpu"]
     assert link.latency_s > 0 and link.bandwidth_Bps > 0 and link.sender_busy  # gloo between two processes
@@ -396,10 +397,10 @@ def test_profile_records_the_calibration_length() -> None:
     from partime_sim.backends.profiler import CALIBRATION_MAX_SAMPLES, CALIBRATION_SAMPLES
 
     # mlp's layers take well under 0.1 ms per sample, so 0.3 s needs more than the fewest samples
-    prof = profile("mlp", ["cpu"], transport="local", warmup=1, repeats=3, calibration_s=0.3)
+    prof = profile("mlp", ["cpu"], transport="local", warmup=1, repeats=3, calibration_s=0.3, idle_penalty=True)
     (samples,) = prof.meta["calibration_samples"].values()
     assert CALIBRATION_SAMPLES < samples <= CALIBRATION_MAX_SAMPLES
-    # a CPU profile measures the idle penalty of its cores: a curve that never falls, in the JSON too
+    # asked to, a CPU profile measures the idle penalty of its cores: a curve that never falls, in the JSON too
     idle = prof.cluster.idle_penalty
     assert [t for t, _ in idle] == list(IDLE_POINTS_S) and all(x >= 0 for _, x in idle)
     assert all(a <= b for (_, a), (_, b) in zip(idle, idle[1:])) and prof.meta["idle_penalty"] == [list(p) for p in idle]
@@ -457,3 +458,11 @@ def test_concurrent_worker_reports_every_round_alone_on_rank_zero_only() -> None
         assert status == "ok" and got_rank == rank
         assert len(together) == 3 and min(together) > 0
         assert len(alone) == (3 if rank == 0 else 0) and all(a > 0 for a in alone)
+
+
+def test_cli_profile_idle_penalty_is_measured_when_asked(capsys, tmp_path):
+    path = tmp_path / "mlp.json"
+    assert main(["profile", "--network", "mlp", "--device", "cpu", "--transport", "local", "--repeats", "3",
+                 "--warmup", "1", "--calibration-seconds", "0", "--idle-penalty", "--out", str(path)]) == 0
+    assert "compute after an idle core takes longer by" in capsys.readouterr().out
+    assert [t for t, _ in load_profile(path).cluster.idle_penalty] == list(IDLE_POINTS_S)
