@@ -473,8 +473,10 @@ def measure_idle_penalty(spec: str, seed: int = 0, dtype: str = "float32", input
     backend worker is (this process's own cores and threads are left alone)."""
     from partime_sim.torch_networks import resolve_model
 
-    shape = tuple(resolve_model(spec, seed=seed, dtype=dtype, input_shape=input_shape).input_shape)
-    args = [(spec, seed, dtype, shape, mode, threads, pin_cores, seconds)]
+    shape = input_shape  # profile() knows it; only a bare call builds the model here to learn it
+    if shape is None:
+        shape = tuple(resolve_model(spec, seed=seed, dtype=dtype).input_shape)
+    args = [(spec, seed, dtype, tuple(shape), mode, threads, pin_cores, seconds)]
     (points,) = _spawned_reports(_idle_worker, args, 1, "the idle-penalty measurement", "run again")
     return tuple((float(a), float(b)) for a, b in points)
 
