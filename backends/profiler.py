@@ -24,6 +24,7 @@ profile's mode), and how much slower the network's compute runs after its core s
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from partime_sim.backends.affinity import bind_worker
+from partime_sim.backends.transport import lookahead
 from partime_sim.catalogue import PROFILE_KIND, is_profile, profile_part
 from partime_sim.cluster import Cluster, Device, Link, barrier_rounds
 from partime_sim.errors import ConfigError, PartimeError
@@ -59,7 +61,6 @@ LINK_SIZES = tuple(4 * 4**k for k in range(12))
 LINK_TIMEOUT_S = 120.0  # a link measurement that takes longer is stuck: its processes are killed
 MESSAGE_STEPS = 600  # compute steps of ~0.2 ms each for the cost of a message at each end under load
 MESSAGE_COST_PAIRS = 9  # (with, without messages) timings of it; the median difference counts
-LOOKAHEAD_RECV = 4  # receives posted ahead, as DistributedTransport does
 BARRIER_ROUNDS = 200  # barriers are cheap: time many, their mean is what a lockstep run pays
 BARRIER_BLOCKS = 5  # ...in blocks: the median block mean (a lockstep run pays the tail, but not a stall of the VM)
 BARRIER_COMPUTE_S = 3e-4  # each barrier round: both processes compute this long first...
@@ -737,7 +738,7 @@ class _TickMessages:
     """The messages of a lockstep tick in ``mode``, as the backend's workers send them: each
     stage's output goes out before the barrier (training both ways, an activation and a
     gradient; inference 0 -> 1) over a group per direction (``directed_groups``), and the
-    receiver takes it after the barrier, its receive posted a tick ahead.
+    receiver takes it after the barrier, its receives posted ``lookahead`` ticks ahead.
 
     Why: the barrier timed alone missed what the tick's messages add to it; with them it cost
     lenet-sized ticks 0.04-0.15 ms more in training (the receive waits after the barrier, the
@@ -749,7 +750,8 @@ class _TickMessages:
         self.out_group, self.in_group = groups[(rank, self.peer)], groups[(self.peer, rank)]
         self.sends, self.recvs = mode == "train" or rank == 0, mode == "train" or rank == 1
         self.msg, self.sent = torch.zeros(floats), []
-        self.posted = self._post() if self.recvs else None
+        self.ahead = lookahead(self.msg.device, _nbytes(self.msg))
+        self.posted = collections.deque(self._post() for _ in range(self.ahead if self.recvs else 0))
 
     def _post(self) -> Any:
         return self.dist.irecv(torch.empty_like(self.msg), self.peer, group=self.in_group)
@@ -760,16 +762,15 @@ class _TickMessages:
 
     def receive(self) -> None:
         if self.recvs:
-            self.posted.wait()
-            self.posted = self._post()
+            self.posted.popleft().wait()
+            self.posted.append(self._post())
 
     def close(self) -> None:
-        """The peer posted one receive past the last tick: send it, then wait for everything."""
-        self.send()
-        for work in self.sent:
+        """The peer posted ``ahead`` receives past the last tick: send them, then wait for everything."""
+        for _ in range(self.ahead):
+            self.send()
+        for work in [*self.sent, *self.posted]:
             work.wait()
-        if self.recvs:
-            self.posted.wait()
 
 
 def _busy(seconds: float) -> None:
@@ -817,7 +818,8 @@ def _message_costs(rank: int, dist: Any, mode: str = "train", steps: int = MESSA
         receives = send and (two_way or rank == 1)
         # rank 0 takes gradients two steps late and leaves the last two behind
         expected = steps - 2 if rank == 0 else steps
-        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(min(LOOKAHEAD_RECV, steps))] if receives else []
+        ahead = min(lookahead(msg.device, _nbytes(msg)), steps)  # as DistributedTransport posts them
+        posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(ahead)] if receives else []
         times, pending, received = [], [], 0
         for i in range(steps):
             t0 = time.perf_counter_ns()

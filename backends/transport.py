@@ -12,6 +12,7 @@ worker stops the run instead of hanging it.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 from typing import Any
 
@@ -20,7 +21,9 @@ import torch
 from partime_sim.errors import PartimeError
 
 POLL_S = 0.05  # how often a blocked local worker looks at the abort flag
-LOOKAHEAD = 4  # receives posted ahead per peer (distributed), so transfers overlap compute
+LOOKAHEAD = 4  # receives posted ahead per peer (distributed, NCCL), so transfers overlap compute
+GLOO_LOOKAHEAD = 64  # ...on gloo (CPU) this many, the sender's credit (see ``lookahead``)...
+GLOO_LOOKAHEAD_BYTES = 64 * 2**20  # ...but at most this many bytes of posted buffers per peer (at least LOOKAHEAD)
 
 
 class Aborted(PartimeError):
@@ -110,11 +113,26 @@ def directed_groups(pairs: list[tuple[int, int]], device: torch.device) -> dict[
     return groups
 
 
+def lookahead(device: torch.device, nbytes: int) -> int:
+    """Receives to post ahead per peer for messages of at most ``nbytes`` on ``device``.
+
+    Why more than a few on gloo: a gloo send goes out at once, from the caller, only if the
+    sender's communication thread has already read the receiver's "receive posted" notice;
+    otherwise the data waits until that thread runs, and while the sender's main thread
+    computes it can wait for the core up to a scheduler tick (~4 ms). With 4 receives posted a
+    busy sender ran out of notices in 1-2% of its messages (a 2-5 ms stall each, mean delivery
+    0.06-0.07 ms); with 32 none did (0.01 ms; BENCHMARKS.md, backend part g). NCCL keeps
+    ``LOOKAHEAD`` (each posted receive is a kernel queued on the pair's stream)."""
+    if device.type != "cpu":
+        return LOOKAHEAD
+    return max(LOOKAHEAD, min(GLOO_LOOKAHEAD, GLOO_LOOKAHEAD_BYTES // max(nbytes, 1)))
+
+
 class DistributedTransport:
     """Point-to-point ``isend``/``irecv`` over an initialised default process group.
 
     ``incoming[src]`` lists, in the order ``src`` sends them, the (task, shape) of every
-    message this rank receives from ``src``; receives are posted ``LOOKAHEAD`` ahead. gloo and
+    message this rank receives from ``src``; receives are posted ``lookahead`` ahead. gloo and
     NCCL match messages per pair in posting order, so no tags are needed. ``groups`` maps
     (src, dst) to that direction's group (``directed_groups``); without it every message goes
     over the default group.
@@ -129,8 +147,9 @@ class DistributedTransport:
         self.incoming = incoming
         self.next_post = {src: 0 for src in incoming}
         self.posted: dict[int, tuple[Any, torch.Tensor]] = {}
-        for src in incoming:
-            for _ in range(LOOKAHEAD):
+        for src, messages in incoming.items():
+            largest = max((math.prod(shape) for _, shape in messages), default=0) * dtype.itemsize
+            for _ in range(lookahead(device, largest)):
                 self._post(src)
 
     def _post(self, src: int) -> None:

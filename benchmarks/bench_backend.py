@@ -9,10 +9,11 @@ bound to a core each (the default) vs left to the OS (``--no-pin-cores``), on th
 small networks; (e) a lockstep tick with messages in flight: one connection shared by the
 messages and the barrier vs a group per direction (the transport's ``directed_groups``); (f) what
 the tick's barrier and messages cost a stage's real torch compute vs a busy loop of the same
-length (the kind of compute the profiler's barrier and message measurements use).
+length (the kind of compute the profiler's barrier and message measurements use); (g) how late a
+busy sender's messages arrive with 4 receives posted ahead vs the transport's ``lookahead``.
 
 Run: python benchmarks/bench_backend.py [--quick]   (prints Markdown for BENCHMARKS.md)
-     [--parts abcdef] (a subset of the six parts) [--malloc-diagnostic] (every worker process runs
+     [--parts abcdefg] (a subset of the seven parts) [--malloc-diagnostic] (every worker process runs
      with glibc told to keep freed memory instead of returning it to the OS: shows what the fresh
      page faults of newly allocated receive buffers cost; not how the backend runs by default)
 
@@ -556,10 +557,81 @@ def compute_kind(quick: bool) -> list[str]:
     return lines
 
 
+# ---- (g) a busy sender's messages: 4 receives posted ahead vs the transport's lookahead ---------------
+CREDIT_VARIANTS = ("4 ahead", "lookahead")
+CREDIT_FLOATS = 1024
+
+
+def _credit_worker(rank: int, port: int, messages: int, blocks: int, out: str) -> None:
+    """Rank 0 computes 0.2-1.0 ms (``_busy``, seeded) and sends; rank 1 computes 1.5x as long and
+    receives, so every message was sent before its receive is called. Both through the backend's
+    ``DistributedTransport`` (a group per direction), with its receives posted 4 ahead or
+    ``lookahead`` ahead, blocks alternating. Rank 0 writes per block each message's delay: the
+    receive's return minus the later of the send and the receive call (one clock: one machine)."""
+    from partime_sim.backends import transport as tmod
+    from partime_sim.backends.affinity import bind_worker
+    from partime_sim.backends.profiler import _busy
+
+    bind_worker(rank, 2, 1)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    groups = tmod.directed_groups([(0, 1)], torch.device("cpu"))
+    work = np.random.default_rng(0).uniform(2e-4, 1e-3, messages)
+    shape, msg = (CREDIT_FLOATS,), torch.zeros(CREDIT_FLOATS)
+    res: dict[str, list[list[float]]] = {}
+    default = tmod.lookahead
+    for _ in range(blocks):
+        for variant in CREDIT_VARIANTS:
+            tmod.lookahead = default if variant == "lookahead" else (lambda device, nbytes: 4)
+            incoming = {0: [(i, shape) for i in range(messages)]} if rank == 1 else {}
+            tr = tmod.DistributedTransport(rank, torch.device("cpu"), torch.float32, incoming, groups)
+            dist.barrier()
+            stamps = torch.zeros((messages, 2), dtype=torch.int64)
+            for i in range(messages):
+                if rank == 0:
+                    _busy(work[i])
+                    stamps[i, 0] = time.perf_counter_ns()
+                    tr.send(i, 1, msg)
+                else:
+                    _busy(1.5 * work[i])
+                    stamps[i, 0] = time.perf_counter_ns()
+                    tr.recv(i, 0, shape, torch.float32)
+                    stamps[i, 1] = time.perf_counter_ns()
+            tr.finish()
+            if rank == 1:
+                dist.send(stamps, 0)
+            else:
+                theirs = torch.empty_like(stamps)
+                dist.recv(theirs, 1)
+                delay = (theirs[:, 1] - torch.maximum(stamps[:, 0], theirs[:, 0])).double().numpy() * 1e-9
+                res.setdefault(variant, []).append(delay[messages // 10:].tolist())
+    tmod.lookahead = default
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def sender_credit(quick: bool) -> list[str]:
+    from partime_sim.backends.transport import lookahead
+
+    messages, blocks = (600, 2) if quick else (1500, 4)
+    res = _pair_result(_credit_worker, messages, blocks)
+    lines = ["| receives posted ahead | delay median ms | mean ms | p99 ms | over 1 ms, % |", "|---|---|---|---|---|"]
+    for variant in CREDIT_VARIANTS:
+        d = np.concatenate([np.asarray(b) for b in res[variant]])
+        ahead = 4 if variant == "4 ahead" else lookahead(torch.device("cpu"), CREDIT_FLOATS * 4)
+        lines.append(f"| {ahead} ({variant}) | {np.median(d) * 1e3:.3f} | {d.mean() * 1e3:.3f} | "
+                     f"{np.quantile(d, 0.99) * 1e3:.3f} | {100 * float(np.mean(d > 1e-3)):.2f} |")
+    lines.append(f"\n(sender computes 0.2-1.0 ms per message, receiver 1.5x as long; {CREDIT_FLOATS * 4} B messages "
+                 f"through DistributedTransport; {blocks} alternating blocks of {messages} messages per row, the "
+                 "first tenth of each left out; processes bound to a core each)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
-    parser.add_argument("--parts", default="abcdef", help="which parts to run, e.g. 'ab' (default: abcdef)")
+    parser.add_argument("--parts", default="abcdefg", help="which parts to run, e.g. 'ab' (default: abcdefg)")
     parser.add_argument("--malloc-diagnostic", action="store_true",
                         help=f"run every worker process with {MALLOC_ENV} (a diagnostic, not the default)")
     args = parser.parse_args()
@@ -587,6 +659,9 @@ def main() -> None:
     if "f" in args.parts:
         print("\n### (f) what a lockstep tick costs real torch compute vs a busy loop of the same length\n")
         print("\n".join(compute_kind(args.quick)))
+    if "g" in args.parts:
+        print("\n### (g) a busy sender's messages: 4 receives posted ahead vs the transport's lookahead\n")
+        print("\n".join(sender_credit(args.quick)))
     print(f"\n(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 
 

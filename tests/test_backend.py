@@ -365,3 +365,42 @@ def test_distributed_refuses_what_nccl_cannot_run() -> None:
         check_distributed(replace(job, devices=["cuda:0", "cuda:1"], cuda_graphs=True))
     with pytest.raises(ConfigError, match="cuda:0"):  # before any process starts
         run_spawned([replace(job, devices=["cuda:0", "cuda:0"])])
+
+
+def test_gloo_receives_are_posted_far_ahead_within_a_byte_budget() -> None:
+    """A busy gloo sender only sends at once while it holds receive notices: small messages get
+    GLOO_LOOKAHEAD receives posted ahead, large ones as many as GLOO_LOOKAHEAD_BYTES hold (never
+    fewer than LOOKAHEAD); NCCL keeps LOOKAHEAD."""
+    from partime_sim.backends.transport import GLOO_LOOKAHEAD, GLOO_LOOKAHEAD_BYTES, LOOKAHEAD, lookahead
+
+    cpu = torch.device("cpu")
+    assert lookahead(cpu, 4096) == GLOO_LOOKAHEAD > LOOKAHEAD
+    assert lookahead(cpu, 0) == GLOO_LOOKAHEAD
+    assert lookahead(cpu, GLOO_LOOKAHEAD_BYTES // 10) == 10
+    assert lookahead(cpu, GLOO_LOOKAHEAD_BYTES) == LOOKAHEAD  # 1 would fit; the floor holds
+    assert lookahead(torch.device("cuda", 0), 4096) == LOOKAHEAD
+
+
+def test_distributed_transport_posts_its_lookahead_of_receives(monkeypatch) -> None:
+    """The transport posts ``lookahead`` receives per peer up front (fewer when fewer come), each
+    sized for the largest message from that peer, and one more after each receive."""
+    from partime_sim.backends import transport as tmod
+
+    posts: list[tuple[int, tuple[int, ...]]] = []
+
+    class FakeWork:
+        def wait(self) -> None:
+            pass
+
+    def irecv(buf: torch.Tensor, src: int, group: object = None) -> FakeWork:
+        posts.append((src, tuple(buf.shape)))
+        return FakeWork()
+
+    monkeypatch.setattr(torch.distributed, "irecv", irecv)
+    monkeypatch.setattr(tmod, "GLOO_LOOKAHEAD_BYTES", 5 * 8 * 4)  # five of the 8-float messages
+    incoming = {1: [(i, (8,)) for i in range(20)], 2: [(100 + i, (2,)) for i in range(3)]}
+    tr = tmod.DistributedTransport(0, torch.device("cpu"), torch.float32, incoming)
+    assert [p for p in posts if p[0] == 1] == [(1, (8,))] * 5
+    assert [p for p in posts if p[0] == 2] == [(2, (2,))] * 3
+    tr.recv(0, 1, (8,), torch.float32)
+    assert len([p for p in posts if p[0] == 1]) == 6
