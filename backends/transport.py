@@ -119,9 +119,9 @@ def lookahead(device: torch.device, nbytes: int) -> int:
     Why more than a few on gloo: a gloo send goes out at once, from the caller, only if the
     sender's communication thread has already read the receiver's "receive posted" notice;
     otherwise the data waits until that thread runs, and while the sender's main thread
-    computes it can wait for the core up to a scheduler tick (~4 ms). With 4 receives posted a
-    busy sender ran out of notices in 1-2% of its messages (a 2-5 ms stall each, mean delivery
-    0.06-0.07 ms); with 32 none did (0.01 ms; BENCHMARKS.md, backend part g). NCCL keeps
+    computes it can wait for the core up to a scheduler tick (~4 ms). On raw isend/irecv with 4
+    receives posted, 1-2% of a busy sender's messages came 2-5 ms late, with 32 none did; through
+    this transport, in a noisier hour, 3.3% -> 2.2% (BENCHMARKS.md, backend part g). NCCL keeps
     ``LOOKAHEAD`` (each posted receive is a kernel queued on the pair's stream)."""
     if device.type != "cpu":
         return LOOKAHEAD
