@@ -808,6 +808,7 @@ def _message_costs(rank: int, dist: Any, mode: str = "train", steps: int = MESSA
     msg = torch.zeros(256)
     peer = 1 - rank
     two_way = mode == "train"
+    ahead = min(lookahead(msg.device, _nbytes(msg)), steps)  # receives posted as DistributedTransport posts them
 
     def compute(heavy: int) -> None:  # the lighter rank computes half as long: it waits for
         for _ in range(8 if rank == heavy else 4):  # messages, as stages off the bottleneck do
@@ -818,7 +819,6 @@ def _message_costs(rank: int, dist: Any, mode: str = "train", steps: int = MESSA
         receives = send and (two_way or rank == 1)
         # rank 0 takes gradients two steps late and leaves the last two behind
         expected = steps - 2 if rank == 0 else steps
-        ahead = min(lookahead(msg.device, _nbytes(msg)), steps)  # as DistributedTransport posts them
         posted = [dist.irecv(torch.empty_like(msg), peer) for _ in range(ahead)] if receives else []
         times, pending, received = [], [], 0
         for i in range(steps):
