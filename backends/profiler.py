@@ -803,7 +803,14 @@ def _message_costs(rank: int, dist: Any, mode: str = "train", steps: int = MESSA
     Inference sends one way: the sender's cost is rank 0's extra with rank 0 computing longer,
     the receiver's is rank 1's with rank 1 computing longer. Why: charged the two-way figure,
     a lenet inference pipeline's stages paid 0.3 ms per message where one-way traffic costs the
-    sender ~0.1 ms and the receiver ~0.07 ms."""
+    sender ~0.1 ms and the receiver ~0.07 ms.
+
+    Both directions share the default group here, one connection, where the backend gives each
+    its own (``directed_groups``): an empirical proxy, kept on purpose. Over the backend's own
+    groups, or through ``DistributedTransport`` itself, this pipeline read 0.05-0.06 ms per end,
+    and predicted lenet's and mlp's training pipelines 15-49% too fast (MAPE 32% against 10%
+    with this figure, paired on the same runs; BENCHMARKS.md, session 23): the real stages pay
+    more per message than a busy loop between messages shows."""
     a = torch.randn(96, 96)
     msg = torch.zeros(256)
     peer = 1 - rank
