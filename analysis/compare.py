@@ -19,6 +19,7 @@ import numpy as np
 
 from partime_sim.errors import ConfigError
 
+MESSAGE_COSTS = ("measured", "backend")
 COMPARED = ("throughput_sps", "speedup", "makespan_s", "bubble_fraction", "latency_p50_s", "latency_p99_s")
 
 
@@ -43,6 +44,7 @@ class CompareConfig:
     learning: bool = True  # training: also emulate the run and compare the loss curves (off: timing only)
     pin_cores: bool = True  # distributed CPU workers (and the profiler's processes) on cores of their own
     repeats: int = 1  # real runs (each with its baseline run); the run of median throughput is reported
+    message_costs: str = "measured"  # or "backend": per-message cost fitted to pipedream runs (calibrate_message_costs)
 
 
 @dataclass
@@ -104,16 +106,20 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     from dataclasses import replace
 
     from partime_sim.backends.pipeline import parse_devices
-    from partime_sim.backends.profiler import load_profile, profile
+    from partime_sim.backends.profiler import calibrate_message_costs, load_profile, profile
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
 
     if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
         raise ConfigError(f"repeats={cfg.repeats!r} is invalid; give an integer >= 1 (real runs to take the median of)")
+    if cfg.message_costs not in MESSAGE_COSTS:
+        raise ConfigError(f"message_costs={cfg.message_costs!r} is unknown; use one of {', '.join(MESSAGE_COSTS)}")
     devices = parse_devices(cfg.devices)
     prof = load_profile(cfg.profile) if cfg.profile else profile(
         cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode,
         pin_cores=cfg.pin_cores)
+    if cfg.message_costs == "backend":
+        prof = calibrate_message_costs(prof)
     S = len(devices) if cfg.schedule != "sequential" else 1
     predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
                                                          cfg.microbatches, cfg.partition, cfg.seed)

@@ -28,20 +28,26 @@ import numpy as np
 import torch
 
 from partime_sim.analysis.compare import CompareConfig, compare
-from partime_sim.backends.profiler import profile
+from partime_sim.backends.profiler import calibrate_message_costs, profile
 
 SET = Path(__file__).with_name("accuracy_set.json")
 
 
-def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int) -> list[tuple[float, float]]:
-    """(predicted, measured) throughput of every configuration, from this round's own profiles."""
+def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
+              message_costs: str = "measured") -> list[tuple[float, float]]:
+    """(predicted, measured) throughput of every configuration, from this round's own profiles;
+    with ``message_costs="backend"`` the training profiles take their message cost from pipedream
+    runs (``calibrate_message_costs``; inference profiles keep the measured one)."""
     profiles: dict[tuple[str, str], str] = {}
     out = []
     for cfg in spec["configs"]:
         key = (cfg["network"], cfg["mode"])
         if key not in profiles:
             path = str(tmp / f"{rnd}-{len(profiles)}.json")
-            profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1).save(path)
+            prof = profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1)
+            if message_costs == "backend" and cfg["mode"] == "train":
+                prof = calibrate_message_costs(prof)
+            prof.save(path)
             profiles[key] = path
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"],
                                        samples=spec["samples"][cfg["mode"]] // samples_div, mode=cfg["mode"],
@@ -70,6 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the whole set (default 3)")
+    parser.add_argument("--message-costs", choices=("measured", "backend"), default="measured",
+                        help="training profiles' message cost: measured (default) or fitted to pipedream runs")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
@@ -78,7 +86,8 @@ def main() -> None:
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s)\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r) for r in range(repeats)])
+        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, args.message_costs)
+                           for r in range(repeats)])
     pred, meas = rounds[..., 0], rounds[..., 1]  # (round, config)
     err = np.median(pred, axis=0) / np.median(meas, axis=0) - 1
     print("\n| network | schedule | devices | mode | predicted samples/s (median; rounds) "

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=1,
                    help="real runs, each beside its sequential baseline run; the run of median throughput is "
                         "reported, with every run's throughput (a shared machine moves 20-30%% run to run) [1]")
+    p.add_argument("--message-costs", choices=("measured", "backend"), default="measured",
+                   help="per-message cost: the profile's measured figure, or fitted to 3 short pipedream runs of "
+                        "the network on this machine's backend (CPU training only; ~15 s more) [measured]")
     _pin_cores_flag(p)
     p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
     p.add_argument("--json", action="store_true")
@@ -420,7 +423,7 @@ def _compare(args: argparse.Namespace) -> int:
                         transport=args.transport, profile=args.profile, optimizer=args.optimizer, lr=lr,
                         seed=args.seed, microbatches=args.microbatches, partition=args.partition,
                         threads=args.threads, learning=args.learning, pin_cores=args.pin_cores,
-                        repeats=args.repeats)
+                        repeats=args.repeats, message_costs=args.message_costs)
     result = compare(cfg)
     if args.out is not None:
         write_report(result, args.out)

@@ -90,6 +90,11 @@ def test_compare_rejects_bad_repeats(repeats) -> None:
         compare(CompareConfig("mlp", "partime", "cpu,cpu", samples=40, transport="local", repeats=repeats))
 
 
+def test_compare_rejects_an_unknown_message_cost_source() -> None:
+    with pytest.raises(ConfigError, match="message_costs='fitted' is unknown; use one of measured, backend"):
+        compare(CompareConfig("mlp", "partime", "cpu,cpu", samples=40, transport="local", message_costs="fitted"))
+
+
 def test_compare_cli_repeats_lists_the_runs(capsys, mlp_infer_profile) -> None:
     argv = ["compare", "--network", "mlp", "--schedule", "partime", "--mode", "infer", "--samples", "40",
             "--transport", "local", "--profile", mlp_infer_profile, "--repeats", "2"]

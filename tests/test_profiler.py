@@ -2,6 +2,7 @@
 loading it (network and cluster from one file). Timings are only compared with each other
 (ratios, > 0), never with a wall-clock limit."""
 
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,8 @@ from torch import nn
 
 from partime_sim.backends.profiler import (
     IDLE_POINTS_S,
-    BARRIER_CLOSE_WINDOW_S, Profile, fit_link, load_profile, profile, profile_layers, profile_links,
+    BARRIER_CLOSE_WINDOW_S, MESSAGE_COST_MAX_S, Profile, calibrate_message_costs, cost_for_throughput, fit_link,
+    load_profile, profile, profile_layers, profile_links, with_message_costs,
 )
 from partime_sim.catalogue import get_network
 from partime_sim.cli import main
@@ -466,3 +468,60 @@ def test_cli_profile_idle_penalty_is_measured_when_asked(capsys, tmp_path):
                  "--warmup", "1", "--calibration-seconds", "0", "--idle-penalty", "--out", str(path)]) == 0
     assert "compute after an idle core takes longer by" in capsys.readouterr().out
     assert [t for t, _ in load_profile(path).cluster.idle_penalty] == list(IDLE_POINTS_S)
+
+
+# ---- message costs fitted to backend runs ------------------------------------------------------
+
+def test_cost_for_throughput_inverts_a_falling_prediction_and_clamps_to_its_ends() -> None:
+    def sps(cost_s: float) -> float:  # a stage of 1 ms paying two message ends
+        return 1.0 / (1e-3 + 2 * cost_s)
+
+    resolution = MESSAGE_COST_MAX_S / 2**14
+    assert abs(cost_for_throughput(sps, sps(1.5e-4)) - 1.5e-4) <= resolution
+    assert cost_for_throughput(sps, 2 * sps(0.0)) <= resolution  # faster than free messages: 0
+    assert cost_for_throughput(sps, sps(5 * MESSAGE_COST_MAX_S)) >= MESSAGE_COST_MAX_S - resolution
+
+
+def test_with_message_costs_charges_every_link_at_both_ends() -> None:
+    prof = _profile()
+    prof = dataclasses.replace(prof, cluster=dataclasses.replace(prof.cluster, links={(0, 1): Link(1e-4, 1e9)}))
+    charged = with_message_costs(prof, 1.2e-4)
+    for link in (charged.cluster.link, *charged.cluster.links.values()):
+        assert (link.send_cost_s, link.recv_cost_s) == (1.2e-4, 1.2e-4)
+    assert charged.cluster.link.latency_s == prof.cluster.link.latency_s and charged.meta["message_cost_s"] == 1.2e-4
+    assert prof.cluster.link.send_cost_s == 0.0  # the given profile is left as it was
+
+
+def test_backend_message_costs_need_a_cpu_training_profile_on_the_distributed_transport() -> None:
+    prof = _profile()
+    for meta in ({"mode": "infer", "transport": "distributed", "devices": ["cpu", "cpu"]},
+                 {"mode": "train", "transport": "local", "devices": ["cpu", "cpu"]},
+                 {"mode": "train", "transport": "distributed", "devices": ["cuda:0", "cuda:1"]}):
+        with pytest.raises(ConfigError, match="--message-costs measured"):
+            calibrate_message_costs(dataclasses.replace(prof, meta=meta))
+    ok = {"mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"]}
+    with pytest.raises(ConfigError, match="runs=0"):
+        calibrate_message_costs(dataclasses.replace(prof, meta=ok), runs=0)
+
+
+def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs() -> None:
+    from partime_sim.analysis.compare import predict
+
+    meta = {"spec": "mlp", "mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"], "seed": 0,
+            "dtype": "float32", "threads": 1, "pin_cores": True}
+    prof = dataclasses.replace(_profile(), meta=meta)
+    fitted = calibrate_message_costs(prof, runs=1, samples=80)
+    record = fitted.meta["message_cost_calibration"]
+    assert record["schedule"] == "pipedream" and sum(record["partition"]) == prof.network.num_layers
+    assert len(record["throughput_sps"]) == 1 and record["throughput_sps"][0] > 0
+    cost = fitted.meta["message_cost_s"]
+    assert fitted.cluster.link.send_cost_s == fitted.cluster.link.recv_cost_s == cost
+    target = record["throughput_sps"][0]
+    predicted = predict(fitted, "pipedream", 2, 80, "train")[0]["throughput_sps"]
+    resolution = MESSAGE_COST_MAX_S / 2**14
+    assert cost < MESSAGE_COST_MAX_S - resolution, f"{cost * 1e3:.3f} ms per message end: the runs stalled"
+    if cost <= resolution:  # the run beat free messages: nothing to charge
+        assert predict(prof, "pipedream", 2, 80, "train")[0]["throughput_sps"] <= target * 1.01
+    else:
+        assert predicted == pytest.approx(target, rel=0.01)
+
