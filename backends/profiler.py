@@ -1083,10 +1083,10 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
         return predict(with_message_costs(prof, cost_s), MESSAGE_CALIBRATION_SCHEDULE, 2, samples, "train",
                        seed=meta.get("seed", 0))[0]["throughput_sps"]
 
-    cost = cost_for_throughput(predicted, target)
+    cost = float(cost_for_throughput(predicted, target))
     calibrated = with_message_costs(prof, cost)
     calibrated.meta["message_cost_calibration"] = {
-        "schedule": MESSAGE_CALIBRATION_SCHEDULE, "partition": list(sizes), "samples": samples,
+        "schedule": MESSAGE_CALIBRATION_SCHEDULE, "partition": [int(n) for n in sizes], "samples": samples,
         "throughput_sps": measured, "measured_cost_s": [prof.cluster.link.send_cost_s, prof.cluster.link.recv_cost_s]}
     return calibrated
 

@@ -504,7 +504,7 @@ def test_backend_message_costs_need_a_cpu_training_profile_on_the_distributed_tr
         calibrate_message_costs(dataclasses.replace(prof, meta=ok), runs=0)
 
 
-def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs() -> None:
+def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs(tmp_path) -> None:
     from partime_sim.analysis.compare import predict
 
     meta = {"spec": "mlp", "mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"], "seed": 0,
@@ -524,4 +524,6 @@ def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs() -> 
         assert predict(prof, "pipedream", 2, 80, "train")[0]["throughput_sps"] <= target * 1.01
     else:
         assert predicted == pytest.approx(target, rel=0.01)
+    fitted.save(tmp_path / "fitted.json")  # the record is plain JSON: a saved profile keeps its fitted cost
+    assert load_profile(tmp_path / "fitted.json").cluster.link.send_cost_s == cost
 
