@@ -38,6 +38,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1084,6 +1085,11 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                        seed=meta.get("seed", 0))[0]["throughput_sps"]
 
     cost = float(cost_for_throughput(predicted, target))
+    if cost >= MESSAGE_COST_MAX_S * (1 - 2.0**-13):
+        warnings.warn(f"the {MESSAGE_CALIBRATION_SCHEDULE} runs ({target:.0f} samples/s) were slower than the profile "
+                      f"predicts even at {MESSAGE_COST_MAX_S * 1e3:g} ms per message end, so the fitted cost is "
+                      "clamped there: the machine was probably busy; calibrate again on a quiet machine or use "
+                      "--message-costs measured", RuntimeWarning, stacklevel=2)
     calibrated = with_message_costs(prof, cost)
     calibrated.meta["message_cost_calibration"] = {
         "schedule": MESSAGE_CALIBRATION_SCHEDULE, "partition": [int(n) for n in sizes], "samples": samples,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -504,13 +505,32 @@ def test_backend_message_costs_need_a_cpu_training_profile_on_the_distributed_tr
         calibrate_message_costs(dataclasses.replace(prof, meta=ok), runs=0)
 
 
+def test_a_backend_run_slower_than_any_message_cost_explains_warns_and_clamps(monkeypatch) -> None:
+    import partime_sim.backends.run as run_module
+    import partime_sim.metrics as metrics
+
+    monkeypatch.setattr(run_module, "run_config", lambda cfg: (None, SimpleNamespace(trace=None)))
+    real_summarize = metrics.summarize
+
+    def summarize(trace, **kwargs):  # the faked run: 1 sample/s, a stalled machine; the simulator's as they are
+        return {"throughput_sps": 1.0} if trace is None else real_summarize(trace, **kwargs)
+
+    monkeypatch.setattr(metrics, "summarize", summarize)
+    meta = {"spec": "mlp", "mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"]}
+    with pytest.warns(RuntimeWarning, match="machine was probably busy"):
+        fitted = calibrate_message_costs(dataclasses.replace(_profile(), meta=meta), runs=1, samples=40)
+    assert fitted.meta["message_cost_s"] >= MESSAGE_COST_MAX_S * (1 - 2.0**-13)
+
+
 def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs(tmp_path) -> None:
     from partime_sim.analysis.compare import predict
 
     meta = {"spec": "mlp", "mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"], "seed": 0,
             "dtype": "float32", "threads": 1, "pin_cores": True}
     prof = dataclasses.replace(_profile(), meta=meta)
-    fitted = calibrate_message_costs(prof, runs=1, samples=80)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = calibrate_message_costs(prof, runs=1, samples=80)
     record = fitted.meta["message_cost_calibration"]
     assert record["schedule"] == "pipedream" and sum(record["partition"]) == prof.network.num_layers
     assert len(record["throughput_sps"]) == 1 and record["throughput_sps"][0] > 0
@@ -519,11 +539,13 @@ def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs(tmp_p
     target = record["throughput_sps"][0]
     predicted = predict(fitted, "pipedream", 2, 80, "train")[0]["throughput_sps"]
     resolution = MESSAGE_COST_MAX_S / 2**14
-    assert cost < MESSAGE_COST_MAX_S - resolution, f"{cost * 1e3:.3f} ms per message end: the runs stalled"
+    clamped_high = [w for w in caught if "clamped" in str(w.message)]
     if cost <= resolution:  # the run beat free messages: nothing to charge
         assert predict(prof, "pipedream", 2, 80, "train")[0]["throughput_sps"] <= target * 1.01
+    elif cost >= MESSAGE_COST_MAX_S - resolution:  # a busy machine (CI's other worker): slower than any cost explains
+        assert predicted >= target * 0.99 and clamped_high, "a clamped fit must warn that the machine was busy"
     else:
-        assert predicted == pytest.approx(target, rel=0.01)
+        assert predicted == pytest.approx(target, rel=0.01) and not clamped_high
     fitted.save(tmp_path / "fitted.json")  # the record is plain JSON: a saved profile keeps its fitted cost
     assert load_profile(tmp_path / "fitted.json").cluster.link.send_cost_s == cost
 
