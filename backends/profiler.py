@@ -1065,23 +1065,24 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     from partime_sim.metrics import summarize
 
     meta = prof.meta
-    if meta.get("mode") != "train" or meta.get("transport") != "distributed" or \
+    mode = meta.get("mode")
+    if mode not in ("train", "infer") or meta.get("transport") != "distributed" or \
             any(not str(d).startswith("cpu") for d in meta.get("devices", ())):
-        raise ConfigError(f"message costs are calibrated on the backend for training profiles of CPU processes on "
-                          f"the distributed transport; this profile is mode={meta.get('mode')!r}, transport="
+        raise ConfigError(f"message costs are calibrated on the backend for profiles of CPU processes on the "
+                          f"distributed transport; this profile is mode={mode!r}, transport="
                           f"{meta.get('transport')!r}, devices={meta.get('devices')}: use --message-costs measured")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ConfigError(f"runs={runs!r} is invalid; give an integer >= 1 (backend runs to take the median of)")
-    sizes = predict(prof, MESSAGE_CALIBRATION_SCHEDULE, 2, samples, "train", seed=meta.get("seed", 0))[2].sizes
+    sizes = predict(prof, MESSAGE_CALIBRATION_SCHEDULE, 2, samples, mode, seed=meta.get("seed", 0))[2].sizes
     cfg = RunConfig(meta["spec"], MESSAGE_CALIBRATION_SCHEDULE, "cpu,cpu", transport="distributed", samples=samples,
-                    mode="train", seed=meta.get("seed", 0), dtype=meta.get("dtype", "float32"),
+                    mode=mode, seed=meta.get("seed", 0), dtype=meta.get("dtype", "float32"),
                     partition=",".join(map(str, sizes)), threads=meta.get("threads", 1),
                     pin_cores=meta.get("pin_cores", True))
     measured = [summarize(run_config(cfg)[1].trace, num_devices=2)["throughput_sps"] for _ in range(runs)]
     target = float(np.median(measured))
 
     def predicted(cost_s: float) -> float:
-        return predict(with_message_costs(prof, cost_s), MESSAGE_CALIBRATION_SCHEDULE, 2, samples, "train",
+        return predict(with_message_costs(prof, cost_s), MESSAGE_CALIBRATION_SCHEDULE, 2, samples, mode,
                        seed=meta.get("seed", 0))[0]["throughput_sps"]
 
     cost = float(cost_for_throughput(predicted, target))

@@ -11,7 +11,8 @@ the machine hits every configuration, not one), each round with fresh profiles; 
 configuration compares the median prediction with the median measurement. The MAPE of single
 rounds is printed too, and the measurement's own noise floor (odd rounds against even rounds).
 
-Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R]   (prints Markdown for BENCHMARKS.md)
+Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--message-costs measured|backend|both]
+(prints Markdown for BENCHMARKS.md; ``both`` predicts every run with both profiles, paired)
 """
 
 from __future__ import annotations
@@ -27,36 +28,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from partime_sim.analysis.compare import CompareConfig, compare
-from partime_sim.backends.profiler import calibrate_message_costs, profile
+from partime_sim.analysis.compare import CompareConfig, compare, predict
+from partime_sim.backends.profiler import calibrate_message_costs, load_profile, profile
 
 SET = Path(__file__).with_name("accuracy_set.json")
 
 
 def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
-              message_costs: str = "measured") -> list[tuple[float, float]]:
-    """(predicted, measured) throughput of every configuration, from this round's own profiles;
-    with ``message_costs="backend"`` the training profiles take their message cost from pipedream
-    runs (``calibrate_message_costs``; inference profiles keep the measured one)."""
-    profiles: dict[tuple[str, str], str] = {}
+              sources: tuple[str, ...] = ("measured",)) -> list[tuple[float, ...]]:
+    """(measured, then predicted with each message-cost source) throughput of every configuration,
+    from this round's own profiles. ``"backend"`` fits the profiles' message cost to pipedream
+    runs in their mode (``calibrate_message_costs``); with
+    both sources every run is predicted by both profiles, paired: the same run, the same split."""
+    profiles: dict[tuple[str, str], dict[str, str]] = {}
     out = []
     for cfg in spec["configs"]:
         key = (cfg["network"], cfg["mode"])
         if key not in profiles:
-            path = str(tmp / f"{rnd}-{len(profiles)}.json")
             prof = profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1)
-            if message_costs == "backend" and cfg["mode"] == "train":
-                prof = calibrate_message_costs(prof)
-            prof.save(path)
-            profiles[key] = path
-        result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"],
-                                       samples=spec["samples"][cfg["mode"]] // samples_div, mode=cfg["mode"],
-                                       transport="distributed", profile=profiles[key],
+            profiles[key] = {}
+            for source in sources:
+                fitted = calibrate_message_costs(prof) if source == "backend" else prof
+                profiles[key][source] = str(tmp / f"{rnd}-{len(profiles)}-{source}.json")
+                fitted.save(profiles[key][source])
+        samples = spec["samples"][cfg["mode"]] // samples_div
+        result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
+                                       mode=cfg["mode"], transport="distributed", profile=profiles[key][sources[0]],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
                                        learning=False))
-        out.append((result.predicted["throughput_sps"], result.measured["throughput_sps"]))
-        print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: predicted {out[-1][0]:,.0f}, "
-              f"measured {out[-1][1]:,.0f} samples/s", flush=True)
+        stages = result.predicted["devices"]
+        split = ",".join(map(str, result.predicted["partition"]))
+        out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
+                    *(predict(load_profile(profiles[key][s]), cfg["schedule"], stages, samples, cfg["mode"],
+                              cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
+        print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: measured {out[-1][0]:,.0f}, "
+              "predicted " + ", ".join(f"{p:,.0f} ({s})" for s, p in zip(sources, out[-1][1:])) + " samples/s",
+              flush=True)
     return out
 
 
@@ -76,30 +83,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the whole set (default 3)")
-    parser.add_argument("--message-costs", choices=("measured", "backend"), default="measured",
-                        help="training profiles' message cost: measured (default) or fitted to pipedream runs")
+    parser.add_argument("--message-costs", choices=("measured", "backend", "both"), default="measured",
+                        help="profiles' message cost: measured (default), fitted to pipedream runs, or "
+                             "both (every run predicted by both, paired)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
         parser.error(f"--repeats {repeats} must be at least 1")
+    sources = ("measured", "backend") if args.message_costs == "both" else (args.message_costs,)
     spec = json.loads(SET.read_text())
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s)\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, args.message_costs)
-                           for r in range(repeats)])
-    pred, meas = rounds[..., 0], rounds[..., 1]  # (round, config)
-    err = np.median(pred, axis=0) / np.median(meas, axis=0) - 1
-    print("\n| network | schedule | devices | mode | predicted samples/s (median; rounds) "
-          "| measured samples/s (median; rounds) | error of medians |")
-    print("|---|---|---|---|---|---|---|")
-    for j, cfg in enumerate(spec["configs"]):
-        print(f"| {cfg['network']} | {cfg['schedule']} | {cfg['devices']} | {cfg['mode']} | {_cell(pred[:, j])} | "
-              f"{_cell(meas[:, j])} | {100 * err[j]:+.1f}% |")
-    per_round = 100 * np.mean(np.abs(pred / meas - 1), axis=1)
-    print(f"\nMean absolute percentage error of predicted throughput (medians over {repeats} round(s)): "
-          f"**{100 * np.mean(np.abs(err)):.1f}%** over {len(err)} configurations (goal <= 5%); "
-          f"single rounds: {', '.join(f'{x:.1f}%' for x in per_round)}.")
+        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, sources) for r in range(repeats)])
+    meas = rounds[..., 0]  # (round, config)
+    for k, source in enumerate(sources, start=1):
+        pred = rounds[..., k]
+        err = np.median(pred, axis=0) / np.median(meas, axis=0) - 1
+        print(f"\nMessage costs: {source}\n\n| network | schedule | devices | mode | predicted samples/s (median; "
+              "rounds) | measured samples/s (median; rounds) | error of medians |")
+        print("|---|---|---|---|---|---|---|")
+        for j, cfg in enumerate(spec["configs"]):
+            print(f"| {cfg['network']} | {cfg['schedule']} | {cfg['devices']} | {cfg['mode']} | "
+                  f"{_cell(pred[:, j])} | {_cell(meas[:, j])} | {100 * err[j]:+.1f}% |")
+        per_round = 100 * np.mean(np.abs(pred / meas - 1), axis=1)
+        print(f"\nMean absolute percentage error of predicted throughput, message costs {source} (medians over "
+              f"{repeats} round(s)): **{100 * np.mean(np.abs(err)):.1f}%** over {len(err)} configurations "
+              f"(goal <= 5%); single rounds: {', '.join(f'{x:.1f}%' for x in per_round)}.")
     if repeats > 1:
         spread = 100 * (meas.max(axis=0) / meas.min(axis=0) - 1)
         print(f"Run-to-run spread of the measurement (max/min - 1) per configuration: "
@@ -107,7 +117,6 @@ def main() -> None:
         print(f"Noise floor: the measurement against itself, the median of the odd rounds against the median "
               f"of the even rounds, scores a MAPE of {noise_floor(meas):.1f}% (what a perfect prediction would "
               f"score with half the rounds).")
-
 
 if __name__ == "__main__":
     main()

@@ -495,7 +495,7 @@ def test_with_message_costs_charges_every_link_at_both_ends() -> None:
 
 def test_backend_message_costs_need_a_cpu_training_profile_on_the_distributed_transport() -> None:
     prof = _profile()
-    for meta in ({"mode": "infer", "transport": "distributed", "devices": ["cpu", "cpu"]},
+    for meta in ({"mode": "eval", "transport": "distributed", "devices": ["cpu", "cpu"]},
                  {"mode": "train", "transport": "local", "devices": ["cpu", "cpu"]},
                  {"mode": "train", "transport": "distributed", "devices": ["cuda:0", "cuda:1"]}):
         with pytest.raises(ConfigError, match="--message-costs measured"):
