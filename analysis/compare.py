@@ -19,7 +19,7 @@ import numpy as np
 
 from partime_sim.errors import ConfigError
 
-MESSAGE_COSTS = ("measured", "backend")
+MESSAGE_COSTS = ("auto", "measured", "backend")
 COMPARED = ("throughput_sps", "speedup", "makespan_s", "bubble_fraction", "latency_p50_s", "latency_p99_s")
 
 
@@ -44,7 +44,10 @@ class CompareConfig:
     learning: bool = True  # training: also emulate the run and compare the loss curves (off: timing only)
     pin_cores: bool = True  # distributed CPU workers (and the profiler's processes) on cores of their own
     repeats: int = 1  # real runs (each with its baseline run); the run of median throughput is reported
-    message_costs: str = "measured"  # or "backend": per-message cost fitted to pipedream runs (calibrate_message_costs)
+    # "backend": per-message cost fitted to pipedream runs (calibrate_message_costs); "measured": the
+    # profile's own figure; "auto": backend where it applies (CPU processes, distributed transport)
+    # and the profile is not fitted yet, measured elsewhere
+    message_costs: str = "auto"
 
 
 @dataclass
@@ -106,7 +109,8 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     from dataclasses import replace
 
     from partime_sim.backends.pipeline import parse_devices
-    from partime_sim.backends.profiler import calibrate_message_costs, load_profile, profile
+    from partime_sim.backends.profiler import (backend_message_costs_apply, calibrate_message_costs,
+                                               load_profile, profile)
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
 
@@ -118,7 +122,8 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     prof = load_profile(cfg.profile) if cfg.profile else profile(
         cfg.network, devices, cfg.transport, cfg.dtype, seed=cfg.seed, threads=cfg.threads, mode=cfg.mode,
         pin_cores=cfg.pin_cores)
-    if cfg.message_costs == "backend":
+    if cfg.message_costs == "backend" or (cfg.message_costs == "auto" and backend_message_costs_apply(prof.meta)
+                                          and "message_cost_calibration" not in prof.meta):
         prof = calibrate_message_costs(prof)
     S = len(devices) if cfg.schedule != "sequential" else 1
     predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
@@ -152,7 +157,9 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
                     "mean_loss_last_10pct": {"emulated": float(_tail(emulated)), "measured": float(_tail(result.loss))}}
     head = {"network": row["network"], "schedule": cfg.schedule, "mode": cfg.mode, "devices": schedule.num_devices,
             "partition": list(partition.sizes), "profile": prof.meta.get("spec", cfg.network)}
-    return Comparison(cfg, {**head, **predicted}, {**head, **measured}, relative_errors(predicted, measured),
+    costs = {"message_costs": "backend" if "message_cost_calibration" in prof.meta else "measured",
+             "message_cost_s": [prof.cluster.link.send_cost_s, prof.cluster.link.recv_cost_s]}
+    return Comparison(cfg, {**head, **costs, **predicted}, {**head, **measured}, relative_errors(predicted, measured),
                       pred_trace, result.trace, learning, emulated, result.loss if cfg.mode == "train" else None)
 
 
@@ -188,6 +195,9 @@ def write_report(cmp: Comparison, out: str | Path) -> Path:
     if cmp.learning is not None:
         plot_learning({"emulated": cmp.emulated_loss, "measured": cmp.measured_loss}, out / "learning.png")
         lines.append(f"\nLearning: max |emulated - measured| per-sample loss = {cmp.learning['max_abs_loss_diff']:.3g}")
+    send, recv = cmp.predicted["message_cost_s"]
+    lines.append(f"\nMessage cost per end ({cmp.predicted['message_costs']}): {1e3 * send:.3f} ms sent, "
+                 f"{1e3 * recv:.3f} ms received.")
     runs = cmp.measured.get("throughput_runs_sps")
     if runs:
         lines.append(f"\nMeasured throughput of each of the {len(runs)} runs (samples/s): "

@@ -1047,10 +1047,17 @@ def cost_for_throughput(predict_sps: Callable[[float], float], target_sps: float
     return (lo + hi) / 2
 
 
+def backend_message_costs_apply(meta: dict[str, Any]) -> bool:
+    """Whether ``calibrate_message_costs`` can fit a profile with this meta: CPU processes on the
+    distributed transport (the backend runs it needs), training or inference."""
+    return meta.get("mode") in ("train", "infer") and meta.get("transport") == "distributed" and \
+        all(str(d).startswith("cpu") for d in meta.get("devices", ()))
+
+
 def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                             samples: int = MESSAGE_CALIBRATION_SAMPLES) -> Profile:
     """The per-end message cost taken from the backend itself: ``runs`` real 2-process
-    ``pipedream`` training runs of the profiled network at the profile's own 2-stage split, and
+    ``pipedream`` runs (in the profile's mode) of the profiled network at the profile's own 2-stage split, and
     the cost at which the profile predicts their median throughput (``cost_for_throughput``).
 
     Why: no isolated measurement reproduces what a real stage pays per message (the busy-loop
@@ -1058,16 +1065,17 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     shared-connection figure 0.13-0.45, real lenet stages ~0.12-0.19). Paired on the same runs,
     this cost predicted lenet's and mlp's training pipelines with MAPE 6.7% and 3.5% where the
     default figure scored 19.2% and 9.0% (BENCHMARKS.md, session 23). ``pipedream`` is a schedule
-    the accuracy set does not use, so no configuration of it is fitted to itself. Training
-    profiles of CPU processes on the distributed transport only; opt-in (``--message-costs backend``)."""
+    the accuracy set does not use (in inference it streams forwards one way, with no lockstep),
+    so no configuration of it is fitted to itself. Profiles of CPU processes on the distributed
+    transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
+    8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24)."""
     from partime_sim.analysis.compare import predict
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
 
     meta = prof.meta
     mode = meta.get("mode")
-    if mode not in ("train", "infer") or meta.get("transport") != "distributed" or \
-            any(not str(d).startswith("cpu") for d in meta.get("devices", ())):
+    if not backend_message_costs_apply(meta):
         raise ConfigError(f"message costs are calibrated on the backend for profiles of CPU processes on the "
                           f"distributed transport; this profile is mode={mode!r}, transport="
                           f"{meta.get('transport')!r}, devices={meta.get('devices')}: use --message-costs measured")

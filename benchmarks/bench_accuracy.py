@@ -55,7 +55,7 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
                                        mode=cfg["mode"], transport="distributed", profile=profiles[key][sources[0]],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
-                                       learning=False))
+                                       learning=False, message_costs="measured"))  # the profile as prepared
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
         out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
@@ -83,9 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the whole set (default 3)")
-    parser.add_argument("--message-costs", choices=("measured", "backend", "both"), default="measured",
-                        help="profiles' message cost: measured (default), fitted to pipedream runs, or "
-                             "both (every run predicted by both, paired)")
+    parser.add_argument("--message-costs", choices=("measured", "backend", "both"), default="backend",
+                        help="profiles' message cost: fitted to pipedream runs (the default, as compare's), the "
+                             "profile's measured figure, or both (every run predicted by both, paired)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:

@@ -242,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=1,
                    help="real runs, each beside its sequential baseline run; the run of median throughput is "
                         "reported, with every run's throughput (a shared machine moves 20-30%% run to run) [1]")
-    p.add_argument("--message-costs", choices=("measured", "backend"), default="measured",
-                   help="per-message cost: the profile's measured figure, or fitted to 3 short pipedream runs of "
-                        "the network on this machine's backend (CPU training only; ~15 s more) [measured]")
+    p.add_argument("--message-costs", choices=("auto", "measured", "backend"), default="auto",
+                   help="per-message cost: fitted to 3 short pipedream runs of the network on this machine's "
+                        "backend (CPU processes on the distributed transport; ~15 s more), the profile's measured "
+                        "figure, or auto: backend where it applies and the profile is not fitted yet [auto]")
     _pin_cores_flag(p)
     p.add_argument("--out", type=Path, default=None, help="write comparison.json/.md and figures here")
     p.add_argument("--json", action="store_true")

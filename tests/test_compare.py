@@ -29,6 +29,7 @@ def test_compare_profiles_simulates_runs_and_reports(tmp_path) -> None:
     assert cmp.measured["samples"] == cmp.predicted["samples"] == 60
     assert cmp.measured["speedup"] is not None  # a measured sequential baseline ran too
     assert cmp.learning["max_abs_loss_diff"] < 1e-4  # the emulator predicts the run's learning
+    assert cmp.predicted["message_costs"] == "measured"  # auto: no backend fit for in-process (local) stages
     out = write_report(cmp, tmp_path / "report")
     assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.md", "timeline.png",
                                                "utilization.png", "learning.png"}
@@ -91,7 +92,7 @@ def test_compare_rejects_bad_repeats(repeats) -> None:
 
 
 def test_compare_rejects_an_unknown_message_cost_source() -> None:
-    with pytest.raises(ConfigError, match="message_costs='fitted' is unknown; use one of measured, backend"):
+    with pytest.raises(ConfigError, match="message_costs='fitted' is unknown; use one of auto, measured, backend"):
         compare(CompareConfig("mlp", "partime", "cpu,cpu", samples=40, transport="local", message_costs="fitted"))
 
 

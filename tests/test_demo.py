@@ -88,6 +88,7 @@ def test_real_run_compares_the_same_job_both_ways(demo) -> None:
         assert err[k] == pytest.approx((p[k] - m[k]) / m[k])
     learning = real["learning"]  # the emulated learning curve is the run's, to rounding
     assert learning["final_loss"]["emulated"] == pytest.approx(learning["final_loss"]["measured"], abs=1e-4)
+    assert p["message_costs"] == "backend" and 0 < p["message_cost_s"][0] == p["message_cost_s"][1]  # the default
     comparison = json.loads((out / "real" / "comparison.json").read_text())
     assert comparison["measured"]["throughput_sps"] == m["throughput_sps"]
 

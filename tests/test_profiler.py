@@ -16,7 +16,7 @@ from torch import nn
 
 from partime_sim.backends.profiler import (
     IDLE_POINTS_S,
-    BARRIER_CLOSE_WINDOW_S, MESSAGE_COST_MAX_S, Profile, calibrate_message_costs, cost_for_throughput, fit_link,
+    BARRIER_CLOSE_WINDOW_S, MESSAGE_COST_MAX_S, Profile, backend_message_costs_apply, calibrate_message_costs, cost_for_throughput, fit_link,
     load_profile, profile, profile_layers, profile_links, with_message_costs,
 )
 from partime_sim.catalogue import get_network
@@ -493,8 +493,9 @@ def test_with_message_costs_charges_every_link_at_both_ends() -> None:
     assert prof.cluster.link.send_cost_s == 0.0  # the given profile is left as it was
 
 
-def test_backend_message_costs_need_a_cpu_training_profile_on_the_distributed_transport() -> None:
+def test_backend_message_costs_need_cpu_processes_on_the_distributed_transport() -> None:
     prof = _profile()
+    assert backend_message_costs_apply({"mode": "infer", "transport": "distributed", "devices": ["cpu", "cpu"]})
     for meta in ({"mode": "eval", "transport": "distributed", "devices": ["cpu", "cpu"]},
                  {"mode": "train", "transport": "local", "devices": ["cpu", "cpu"]},
                  {"mode": "train", "transport": "distributed", "devices": ["cuda:0", "cuda:1"]}):
