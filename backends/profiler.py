@@ -1020,7 +1020,7 @@ class Profile:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
 
-MESSAGE_CALIBRATION_SCHEDULE = "pipedream"  # one activation and one gradient per sample, as a streaming pipeline
+MESSAGE_CALIBRATION_SCHEDULE = "pipedream"  # = 1f1b: one activation and one gradient per sample, no lockstep
 MESSAGE_CALIBRATION_RUNS = 3  # backend runs of it; their median throughput counts
 MESSAGE_CALIBRATION_SAMPLES = 300
 MESSAGE_COST_MAX_S = 1e-3  # the bisection's upper end: a message end costing more is not a CPU pipeline's
@@ -1064,9 +1064,10 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     mini-pipeline over the backend's own channels reads 0.05-0.06 ms per end, the profile's
     shared-connection figure 0.13-0.45, real lenet stages ~0.12-0.19). Paired on the same runs,
     this cost predicted lenet's and mlp's training pipelines with MAPE 6.7% and 3.5% where the
-    default figure scored 19.2% and 9.0% (BENCHMARKS.md, session 23). ``pipedream`` is a schedule
-    the accuracy set does not use (in inference it streams forwards one way, with no lockstep),
-    so no configuration of it is fitted to itself. Profiles of CPU processes on the distributed
+    default figure scored 19.2% and 9.0% (BENCHMARKS.md, session 23). ``pipedream`` is the generators'
+    alias of ``1f1b``, which two training configurations of the accuracy set use (lenet, mlp):
+    they are fitted on separate, earlier runs of their own schedule (and stay the set's worst
+    predicted, too slow); in inference it streams forwards one way with no lockstep, outside the set. Profiles of CPU processes on the distributed
     transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
     8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24)."""
     from partime_sim.analysis.compare import predict
