@@ -132,7 +132,7 @@ class Job:
     devices: list[str]
     workers: WorkerPlan
     keep_outputs: bool = False
-    threads: int | None = None  # torch threads per worker process (distributed); None: cores / workers
+    threads: int | None = None  # torch threads per worker (distributed: cores / workers; local: the caller's)
     waves: tuple[int, int] = (0, 2**62)  # run the tasks of these waves [lo, hi): a checkpoint cuts at hi
     resume: list[dict[str, Any]] | None = None  # per-rank states captured at wave lo
     cuda_graphs: bool = False  # inference forwards replayed from one CUDA graph per stage
@@ -418,7 +418,8 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
     ``transport`` is ``local`` (threads of this process) or ``distributed`` (one spawned
     process per device, gloo on CPU, NCCL on GPU). The arguments mean what they mean for
     ``emulate_torch``; with ``keep_outputs`` the last stage's outputs come back in sample order;
-    ``threads`` sets each distributed worker's torch threads (default: cores / workers);
+    ``threads`` sets each worker's torch threads (default: distributed, cores / workers; local,
+    the caller's count);
     ``cuda_graphs`` (inference on GPUs) replays each stage's forward from a captured CUDA graph.
 
     Checkpointing: with ``checkpoint_at=W`` and ``checkpoint=PATH`` the run stops once every
@@ -463,7 +464,8 @@ def run_pipeline(schedule: Schedule, stages: Sequence[nn.Module], x: Any, y: Any
 
 
 def run_local(job: Job) -> list[dict[str, Any]]:
-    """One thread per worker; the first failure aborts the others and is raised, naming its worker."""
+    """One thread per worker, each computing with ``job.threads`` torch threads (default: the
+    caller's count); the first failure aborts the others and is raised, naming its worker."""
     import threading
 
     from partime_sim.backends.transport import Aborted, LocalHub, LocalTransport
@@ -474,8 +476,14 @@ def run_local(job: Job) -> list[dict[str, Any]]:
     parts: list[Any] = [None] * W
     errors: list[tuple[float, int, BaseException]] = []
 
+    threads_each = job.threads or torch.get_num_threads()  # the caller's setting, read in its thread
+
     def target(w: int) -> None:
         try:
+            # a new thread computes with the process's initial OpenMP team, not the caller's
+            # set_num_threads: once a 2-thread op had run, a 1-thread calibration on 2 cores ran
+            # conv30@16 2.3x slower (two OpenMP threads per worker); set it in every worker
+            torch.set_num_threads(threads_each)
             parts[w] = run_worker(job, w, LocalTransport(hub, w, torch.device(job.devices[w])), origin)
         except Aborted:
             pass

@@ -63,6 +63,26 @@ def test_local_equals_reference_bit_for_bit(name: str, S: int) -> None:
     _assert_same(ref, got)
 
 
+@pytest.mark.parametrize("threads", [None, 3])
+def test_local_workers_compute_with_the_callers_thread_count(threads: int | None, monkeypatch) -> None:
+    """A new thread starts from the process's initial OpenMP team, not the caller's
+    ``set_num_threads``: without re-setting it, a one-thread calibration ran conv30@16 2.3x slower."""
+    import threading
+
+    calls: list[tuple[str, int]] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads",
+                        lambda n: (calls.append((threading.current_thread().name, n)), real(n))[1])
+    saved = torch.get_num_threads()
+    real(1)
+    try:
+        sched, stages, devices = _case("partime", 2)
+        run_pipeline(sched, stages, STREAM.x, STREAM.y, devices=devices, threads=threads)
+    finally:
+        real(saved)
+    assert sorted(calls) == [("partime-worker-0", threads or 1), ("partime-worker-1", threads or 1)]
+
+
 @pytest.mark.parametrize("S", [1, 2, 3, 4])
 def test_distributed_equals_reference_bit_for_bit(S: int) -> None:
     """Every schedule at S stages in one spawned gloo process group (one start-up per S)."""
