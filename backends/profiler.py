@@ -1055,10 +1055,12 @@ def backend_message_costs_apply(meta: dict[str, Any]) -> bool:
 
 
 def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
-                            samples: int = MESSAGE_CALIBRATION_SAMPLES) -> Profile:
+                            samples: int = MESSAGE_CALIBRATION_SAMPLES,
+                            schedule: str = MESSAGE_CALIBRATION_SCHEDULE) -> Profile:
     """The per-end message cost taken from the backend itself: ``runs`` real 2-process
-    ``pipedream`` runs (in the profile's mode) of the profiled network at the profile's own 2-stage split, and
-    the cost at which the profile predicts their median throughput (``cost_for_throughput``).
+    ``schedule`` runs (``pipedream`` by default; in the profile's mode) of the profiled network at
+    the profile's own 2-stage split, and the cost at which the profile predicts their median
+    throughput (``cost_for_throughput``).
 
     Why: no isolated measurement reproduces what a real stage pays per message (the busy-loop
     mini-pipeline over the backend's own channels reads 0.05-0.06 ms per end, the profile's
@@ -1082,8 +1084,8 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                           f"{meta.get('transport')!r}, devices={meta.get('devices')}: use --message-costs measured")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ConfigError(f"runs={runs!r} is invalid; give an integer >= 1 (backend runs to take the median of)")
-    sizes = predict(prof, MESSAGE_CALIBRATION_SCHEDULE, 2, samples, mode, seed=meta.get("seed", 0))[2].sizes
-    cfg = RunConfig(meta["spec"], MESSAGE_CALIBRATION_SCHEDULE, "cpu,cpu", transport="distributed", samples=samples,
+    sizes = predict(prof, schedule, 2, samples, mode, seed=meta.get("seed", 0))[2].sizes
+    cfg = RunConfig(meta["spec"], schedule, "cpu,cpu", transport="distributed", samples=samples,
                     mode=mode, seed=meta.get("seed", 0), dtype=meta.get("dtype", "float32"),
                     partition=",".join(map(str, sizes)), threads=meta.get("threads", 1),
                     pin_cores=meta.get("pin_cores", True))
@@ -1091,18 +1093,18 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     target = float(np.median(measured))
 
     def predicted(cost_s: float) -> float:
-        return predict(with_message_costs(prof, cost_s), MESSAGE_CALIBRATION_SCHEDULE, 2, samples, mode,
+        return predict(with_message_costs(prof, cost_s), schedule, 2, samples, mode,
                        seed=meta.get("seed", 0))[0]["throughput_sps"]
 
     cost = float(cost_for_throughput(predicted, target))
     if cost >= MESSAGE_COST_MAX_S * (1 - 2.0**-13):
-        warnings.warn(f"the {MESSAGE_CALIBRATION_SCHEDULE} runs ({target:.0f} samples/s) were slower than the profile "
+        warnings.warn(f"the {schedule} runs ({target:.0f} samples/s) were slower than the profile "
                       f"predicts even at {MESSAGE_COST_MAX_S * 1e3:g} ms per message end, so the fitted cost is "
                       "clamped there: the machine was probably busy; calibrate again on a quiet machine or use "
                       "--message-costs measured", RuntimeWarning, stacklevel=2)
     calibrated = with_message_costs(prof, cost)
     calibrated.meta["message_cost_calibration"] = {
-        "schedule": MESSAGE_CALIBRATION_SCHEDULE, "partition": [int(n) for n in sizes], "samples": samples,
+        "schedule": schedule, "partition": [int(n) for n in sizes], "samples": samples,
         "throughput_sps": measured, "measured_cost_s": [prof.cluster.link.send_cost_s, prof.cluster.link.recv_cost_s]}
     return calibrated
 

@@ -11,8 +11,9 @@ the machine hits every configuration, not one), each round with fresh profiles; 
 configuration compares the median prediction with the median measurement. The MAPE of single
 rounds is printed too, and the measurement's own noise floor (odd rounds against even rounds).
 
-Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--message-costs measured|backend|both]
-(prints Markdown for BENCHMARKS.md; ``both`` predicts every run with both profiles, paired)
+Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--message-costs SOURCE[,SOURCE...]]
+(prints Markdown for BENCHMARKS.md; several sources predict every run with each profile, paired;
+``both`` = ``measured,backend``)
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ from partime_sim.analysis.compare import CompareConfig, compare, predict
 from partime_sim.backends.profiler import calibrate_message_costs, load_profile, profile
 
 SET = Path(__file__).with_name("accuracy_set.json")
+FIT_SCHEDULES = {"backend": {"train": "pipedream", "infer": "pipedream"},  # source -> mode -> fitted schedule
+                 "backend-layerpipe": {"train": "layerpipe", "infer": "pipedream"}}
+SOURCES = ("measured", *FIT_SCHEDULES)
 
 
 def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
               sources: tuple[str, ...] = ("measured",)) -> list[tuple[float, ...]]:
     """(measured, then predicted with each message-cost source) throughput of every configuration,
     from this round's own profiles. ``"backend"`` fits the profiles' message cost to pipedream
-    runs in their mode (``calibrate_message_costs``); with
-    both sources every run is predicted by both profiles, paired: the same run, the same split."""
+    runs in their mode (``calibrate_message_costs``), ``"backend-layerpipe"`` to layerpipe runs in
+    training (a schedule outside the set; pipedream in inference); with several sources every run
+    is predicted by each profile, paired: the same run, the same split."""
     profiles: dict[tuple[str, str], dict[str, str]] = {}
     out = []
     for cfg in spec["configs"]:
@@ -48,7 +53,8 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
             prof = profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1)
             profiles[key] = {}
             for source in sources:
-                fitted = calibrate_message_costs(prof) if source == "backend" else prof
+                fitted = prof if source == "measured" else calibrate_message_costs(
+                    prof, schedule=FIT_SCHEDULES[source][cfg["mode"]])
                 profiles[key][source] = str(tmp / f"{rnd}-{len(profiles)}-{source}.json")
                 fitted.save(profiles[key][source])
         samples = spec["samples"][cfg["mode"]] // samples_div
@@ -83,14 +89,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the whole set (default 3)")
-    parser.add_argument("--message-costs", choices=("measured", "backend", "both"), default="backend",
-                        help="profiles' message cost: fitted to pipedream runs (the default, as compare's), the "
-                             "profile's measured figure, or both (every run predicted by both, paired)")
+    parser.add_argument("--message-costs", default="backend",
+                        help="profiles' message cost, comma-separated for several (every run predicted by each, "
+                             "paired): backend (fitted to pipedream runs, the default, as compare's), "
+                             "backend-layerpipe (fitted to layerpipe runs in training), measured (the profile's "
+                             "figure); both = measured,backend")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
         parser.error(f"--repeats {repeats} must be at least 1")
-    sources = ("measured", "backend") if args.message_costs == "both" else (args.message_costs,)
+    sources = tuple(("measured,backend" if args.message_costs == "both" else args.message_costs).split(","))
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown or len(set(sources)) != len(sources):
+        parser.error(f"--message-costs {args.message_costs!r}: give distinct sources from {', '.join(SOURCES)} "
+                     "(or both)")
     spec = json.loads(SET.read_text())
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s)\n", flush=True)

@@ -523,6 +523,27 @@ def test_a_backend_run_slower_than_any_message_cost_explains_warns_and_clamps(mo
     assert fitted.meta["message_cost_s"] >= MESSAGE_COST_MAX_S * (1 - 2.0**-13)
 
 
+def test_message_costs_are_fitted_to_the_schedule_asked_for(monkeypatch) -> None:
+    import partime_sim.backends.run as run_module
+    import partime_sim.metrics as metrics
+    from partime_sim.analysis.compare import predict
+
+    meta = {"spec": "mlp", "mode": "train", "transport": "distributed", "devices": ["cpu", "cpu"]}
+    prof = dataclasses.replace(_profile(), meta=meta)
+    free, dear = (predict(with_message_costs(prof, c), "layerpipe", 2, 40, "train")[0]["throughput_sps"]
+                  for c in (0.0, MESSAGE_COST_MAX_S))
+    target = (free + dear) / 2  # the faked runs: halfway between free and the dearest messages
+    ran: list[str] = []
+    monkeypatch.setattr(run_module, "run_config", lambda cfg: (ran.append(cfg.schedule), SimpleNamespace(trace=None)))
+    real_summarize = metrics.summarize
+    monkeypatch.setattr(metrics, "summarize", lambda trace, **kw: {"throughput_sps": target} if trace is None
+                        else real_summarize(trace, **kw))
+    fitted = calibrate_message_costs(prof, runs=2, samples=40, schedule="layerpipe")
+    assert ran == ["layerpipe", "layerpipe"] and fitted.meta["message_cost_calibration"]["schedule"] == "layerpipe"
+    assert 0 < fitted.meta["message_cost_s"] < MESSAGE_COST_MAX_S
+    assert predict(fitted, "layerpipe", 2, 40, "train")[0]["throughput_sps"] == pytest.approx(target, rel=1e-3)
+
+
 def test_backend_message_cost_makes_the_profile_predict_the_pipedream_runs(tmp_path) -> None:
     from partime_sim.analysis.compare import predict
 
