@@ -1068,10 +1068,11 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     this cost predicted lenet's and mlp's training pipelines with MAPE 6.7% and 3.5% where the
     default figure scored 19.2% and 9.0% (BENCHMARKS.md, session 23). ``pipedream`` is the generators'
     alias of ``1f1b``, which two training configurations of the accuracy set use (lenet, mlp):
-    they are fitted on separate, earlier runs of their own schedule (and stay the set's worst
-    predicted, too slow); in inference it streams forwards one way with no lockstep, outside the set. Profiles of CPU processes on the distributed
-    transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
-    8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24)."""
+    they are fitted on separate, earlier runs of their own schedule; in inference it streams
+    forwards one way with no lockstep, outside the set. Profiles of CPU processes on the
+    distributed transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
+    8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24; after the
+    thread fix of session 25, 7.8% against 9.7%, and 9.1% fitted to ``layerpipe`` runs instead)."""
     from partime_sim.analysis.compare import predict
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
