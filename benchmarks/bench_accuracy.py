@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from partime_sim.analysis.compare import CompareConfig, compare, predict
-from partime_sim.backends.profiler import calibrate_message_costs, load_profile, profile
+from partime_sim.backends.profiler import Profile, calibrate_message_costs, profile
 
 SET = Path(__file__).with_name("accuracy_set.json")
 FIT_SCHEDULES = {"backend": {"train": "pipedream", "infer": "pipedream"},  # source -> mode -> fitted schedule
@@ -45,27 +45,26 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
     runs in their mode (``calibrate_message_costs``), ``"backend-layerpipe"`` to layerpipe runs in
     training (a schedule outside the set; pipedream in inference); with several sources every run
     is predicted by each profile, paired: the same run, the same split."""
-    profiles: dict[tuple[str, str], dict[str, str]] = {}
+    profiles: dict[tuple[str, str], dict[str, Profile]] = {}
+    paths: dict[tuple[str, str], str] = {}  # the first source's profile, saved for compare
     out = []
     for cfg in spec["configs"]:
         key = (cfg["network"], cfg["mode"])
         if key not in profiles:
             prof = profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1)
-            profiles[key] = {}
-            for source in sources:
-                fitted = prof if source == "measured" else calibrate_message_costs(
-                    prof, schedule=FIT_SCHEDULES[source][cfg["mode"]])
-                profiles[key][source] = str(tmp / f"{rnd}-{len(profiles)}-{source}.json")
-                fitted.save(profiles[key][source])
+            profiles[key] = {source: prof if source == "measured" else calibrate_message_costs(
+                prof, schedule=FIT_SCHEDULES[source][cfg["mode"]]) for source in sources}
+            paths[key] = str(tmp / f"{rnd}-{len(paths)}.json")
+            profiles[key][sources[0]].save(paths[key])
         samples = spec["samples"][cfg["mode"]] // samples_div
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
-                                       mode=cfg["mode"], transport="distributed", profile=profiles[key][sources[0]],
+                                       mode=cfg["mode"], transport="distributed", profile=paths[key],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
                                        learning=False, message_costs="measured"))  # the profile as prepared
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
         out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
-                    *(predict(load_profile(profiles[key][s]), cfg["schedule"], stages, samples, cfg["mode"],
+                    *(predict(profiles[key][s], cfg["schedule"], stages, samples, cfg["mode"],
                               cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
         print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: measured {out[-1][0]:,.0f}, "
               "predicted " + ", ".join(f"{p:,.0f} ({s})" for s, p in zip(sources, out[-1][1:])) + " samples/s",
@@ -129,6 +128,7 @@ def main() -> None:
         print(f"Noise floor: the measurement against itself, the median of the odd rounds against the median "
               f"of the even rounds, scores a MAPE of {noise_floor(meas):.1f}% (what a perfect prediction would "
               f"score with half the rounds).")
+
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,8 @@ from torch import nn
 
 from partime_sim.backends.profiler import (
     IDLE_POINTS_S,
-    BARRIER_CLOSE_WINDOW_S, MESSAGE_COST_MAX_S, Profile, backend_message_costs_apply, calibrate_message_costs, cost_for_throughput, fit_link,
+    BARRIER_CLOSE_WINDOW_S, MESSAGE_COST_MAX_S, Profile, backend_message_costs_apply, calibrate_message_costs,
+    cost_for_throughput, fit_link,
     load_profile, profile, profile_layers, profile_links, with_message_costs,
 )
 from partime_sim.catalogue import get_network
