@@ -11,7 +11,11 @@ the machine hits every configuration, not one), each round with fresh profiles; 
 configuration compares the median prediction with the median measurement. The MAPE of single
 rounds is printed too, and the measurement's own noise floor (odd rounds against even rounds).
 
-Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--message-costs SOURCE[,SOURCE...]]
+Within a round each configuration is run ``--runs`` times (default 3) and the median run
+counts: a 300-sample lenet run lasts 0.3-0.4 s, and one run moved by half from one round to the
+next (session 25: spread 42-106% over 8 rounds), more than the model's misses.
+
+Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--runs N] [--message-costs SOURCE[,SOURCE...]]
 (prints Markdown for BENCHMARKS.md; several sources predict every run with each profile, paired;
 ``both`` = ``measured,backend``)
 """
@@ -39,12 +43,13 @@ SOURCES = ("measured", *FIT_SCHEDULES)
 
 
 def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
-              sources: tuple[str, ...] = ("measured",)) -> list[tuple[float, ...]]:
+              sources: tuple[str, ...] = ("measured",), runs: int = 1) -> list[tuple[float, ...]]:
     """(measured, then predicted with each message-cost source) throughput of every configuration,
     from this round's own profiles. ``"backend"`` fits the profiles' message cost to pipedream
     runs in their mode (``calibrate_message_costs``), ``"backend-layerpipe"`` to layerpipe runs in
     training (a schedule outside the set; pipedream in inference); with several sources every run
-    is predicted by each profile, paired: the same run, the same split."""
+    is predicted by each profile, paired: the same run, the same split. The measurement is the
+    median of ``runs`` real runs (``compare``'s repeats)."""
     profiles: dict[tuple[str, str], dict[str, Profile]] = {}
     paths: dict[tuple[str, str], str] = {}  # the first source's profile, saved for compare
     out = []
@@ -60,7 +65,7 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
                                        mode=cfg["mode"], transport="distributed", profile=paths[key],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
-                                       learning=False, message_costs="measured"))  # the profile as prepared
+                                       learning=False, message_costs="measured", repeats=runs))  # the profile as prepared
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
         out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
@@ -88,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples, one round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the whole set (default 3)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="real runs per configuration and round, the median counts (default 3)")
     parser.add_argument("--message-costs", default="backend",
                         help="profiles' message cost, comma-separated for several (every run predicted by each, "
                              "paired): backend (fitted to pipedream runs, the default, as compare's), "
@@ -97,6 +104,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
         parser.error(f"--repeats {repeats} must be at least 1")
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs} must be at least 1")
     sources = tuple(("measured,backend" if args.message_costs == "both" else args.message_costs).split(","))
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or len(set(sources)) != len(sources):
@@ -104,9 +113,10 @@ def main() -> None:
                      "(or both)")
     spec = json.loads(SET.read_text())
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s)\n", flush=True)
+          f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s), "
+          f"{args.runs} run(s) per configuration and round\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, sources) for r in range(repeats)])
+        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, sources, args.runs) for r in range(repeats)])
     meas = rounds[..., 0]  # (round, config)
     for k, source in enumerate(sources, start=1):
         pred = rounds[..., k]
