@@ -65,13 +65,16 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
                                        mode=cfg["mode"], transport="distributed", profile=paths[key],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
-                                       learning=False, message_costs="measured", repeats=runs))  # the profile as prepared
+                                       learning=False, message_costs="measured",  # the profile as prepared
+                                       repeats=runs))
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
         out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
                     *(predict(profiles[key][s], cfg["schedule"], stages, samples, cfg["mode"],
                               cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
-        print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: measured {out[-1][0]:,.0f}, "
+        each = result.measured.get("throughput_runs_sps", [])
+        print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: measured {out[-1][0]:,.0f}"
+              + (f" (runs {', '.join(f'{x:,.0f}' for x in each)})" if len(each) > 1 else "") + ", "
               "predicted " + ", ".join(f"{p:,.0f} ({s})" for s, p in zip(sources, out[-1][1:])) + " samples/s",
               flush=True)
     return out
@@ -116,7 +119,8 @@ def main() -> None:
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s), "
           f"{args.runs} run(s) per configuration and round\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, sources, args.runs) for r in range(repeats)])
+        rounds = np.array([one_round(spec, 4 if args.quick else 1, Path(tmp), r, sources, args.runs)
+                           for r in range(repeats)])
     meas = rounds[..., 0]  # (round, config)
     for k, source in enumerate(sources, start=1):
         pred = rounds[..., k]
