@@ -1072,7 +1072,8 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     forwards one way with no lockstep, outside the set. Profiles of CPU processes on the
     distributed transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
     8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24; after the
-    thread fix of session 25, 7.8% against 9.7%, and 9.1% fitted to ``layerpipe`` runs instead)."""
+    thread fix of session 25, 7.8% against 9.7%, and 9.1% fitted to ``layerpipe`` runs instead; session 26,
+    three runs per configuration, 5.7% against 7.4%)."""
     from partime_sim.analysis.compare import predict
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
