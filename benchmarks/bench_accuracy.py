@@ -11,9 +11,10 @@ the machine hits every configuration, not one), each round with fresh profiles; 
 configuration compares the median prediction with the median measurement. The MAPE of single
 rounds is printed too, and the measurement's own noise floor (odd rounds against even rounds).
 
-Within a round each configuration is run ``--runs`` times (default 3) and the median run
-counts: a 300-sample lenet run lasts 0.3-0.4 s, and one run moved by half from one round to the
-next (session 25: spread 42-106% over 8 rounds), more than the model's misses.
+Within a round each configuration is run ``--runs`` times (default 3), in as many passes over
+the set, and the median run counts: a 300-sample lenet run lasts 0.3-0.4 s, and one run moved by
+half from one round to the next (session 25: spread 42-106% over 8 rounds), more than the model's
+misses.
 
 Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--runs N] [--message-costs SOURCE[,SOURCE...]]
 (prints Markdown for BENCHMARKS.md; several sources predict every run with each profile, paired;
@@ -35,6 +36,8 @@ import torch
 
 from partime_sim.analysis.compare import CompareConfig, compare, predict
 from partime_sim.backends.profiler import Profile, calibrate_message_costs, profile
+from partime_sim.backends.run import RunConfig, run_config
+from partime_sim.metrics import summarize
 
 SET = Path(__file__).with_name("accuracy_set.json")
 FIT_SCHEDULES = {"backend": {"train": "pipedream", "infer": "pipedream"},  # source -> mode -> fitted schedule
@@ -49,10 +52,12 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
     runs in their mode (``calibrate_message_costs``), ``"backend-layerpipe"`` to layerpipe runs in
     training (a schedule outside the set; pipedream in inference); with several sources every run
     is predicted by each profile, paired: the same run, the same split. The measurement is the
-    median of ``runs`` real runs (``compare``'s repeats)."""
+    median of ``runs`` real runs, taken in ``runs`` passes over the set (a slow phase of the
+    machine, which lasts tens of seconds, then hits one run of several configurations rather
+    than every run of one)."""
     profiles: dict[tuple[str, str], dict[str, Profile]] = {}
     paths: dict[tuple[str, str], str] = {}  # the first source's profile, saved for compare
-    out = []
+    predicted, measured, again = [], [], []
     for cfg in spec["configs"]:
         key = (cfg["network"], cfg["mode"])
         if key not in profiles:
@@ -65,17 +70,25 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
         result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
                                        mode=cfg["mode"], transport="distributed", profile=paths[key],
                                        microbatches=cfg.get("microbatches"), threads=1, baseline=False,
-                                       learning=False, message_costs="measured",  # the profile as prepared
-                                       repeats=runs))
+                                       learning=False, message_costs="measured"))  # the profile as prepared
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
-        out.append((result.measured["throughput_sps"], result.predicted["throughput_sps"],
-                    *(predict(profiles[key][s], cfg["schedule"], stages, samples, cfg["mode"],
-                              cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
-        each = result.measured.get("throughput_runs_sps", [])
+        predicted.append((result.predicted["throughput_sps"],
+                          *(predict(profiles[key][s], cfg["schedule"], stages, samples, cfg["mode"],
+                                    cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
+        measured.append([result.measured["throughput_sps"]])
+        again.append((RunConfig(cfg["network"], cfg["schedule"], cfg["devices"], transport="distributed",
+                                samples=samples, mode=cfg["mode"], partition=split,
+                                microbatches=cfg.get("microbatches"), threads=1), stages))
+    for _ in range(runs - 1):  # the further runs, pass by pass, with the first run's split
+        for each, (run_cfg, stages) in zip(measured, again):
+            each.append(summarize(run_config(run_cfg)[1].trace, num_devices=stages)["throughput_sps"])
+    out = []
+    for cfg, pred, each in zip(spec["configs"], predicted, measured):
+        out.append((float(np.median(each)), *pred))
         print(f"  round {rnd + 1}: {cfg['network']} {cfg['schedule']} {cfg['mode']}: measured {out[-1][0]:,.0f}"
               + (f" (runs {', '.join(f'{x:,.0f}' for x in each)})" if len(each) > 1 else "") + ", "
-              "predicted " + ", ".join(f"{p:,.0f} ({s})" for s, p in zip(sources, out[-1][1:])) + " samples/s",
+              "predicted " + ", ".join(f"{p:,.0f} ({s})" for s, p in zip(sources, pred)) + " samples/s",
               flush=True)
     return out
 
