@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,17 @@ def predict(prof: Any, schedule_name: str, stages: int, samples: int, mode: str 
     return summary, trace, parts, schedule
 
 
+def real_run_config(cfg: CompareConfig, sizes: Sequence[int]) -> Any:
+    """The backend ``RunConfig`` of ``cfg``'s real run, at the predicted split ``sizes``
+    (layers per stage): what ``compare`` runs, for callers that run it again."""
+    from partime_sim.backends.run import RunConfig
+
+    return RunConfig(cfg.network, cfg.schedule, cfg.devices, transport=cfg.transport, samples=cfg.samples,
+                     mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
+                     dtype=cfg.dtype, partition=",".join(map(str, sizes)), microbatches=cfg.microbatches,
+                     threads=cfg.threads, pin_cores=cfg.pin_cores)
+
+
 def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     """Profile (or load), simulate, run, and put the two side by side."""
     from dataclasses import replace
@@ -111,7 +123,7 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     from partime_sim.backends.pipeline import parse_devices
     from partime_sim.backends.profiler import (backend_message_costs_apply, calibrate_message_costs,
                                                load_profile, profile)
-    from partime_sim.backends.run import RunConfig, run_config
+    from partime_sim.backends.run import run_config
     from partime_sim.metrics import summarize
 
     if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
@@ -129,10 +141,7 @@ def compare(cfg: CompareConfig, progress: bool = False) -> Comparison:
     predicted, pred_trace, partition, schedule = predict(prof, cfg.schedule, S, cfg.samples, cfg.mode,
                                                          cfg.microbatches, cfg.partition, cfg.seed)
 
-    run_cfg = RunConfig(cfg.network, cfg.schedule, cfg.devices, transport=cfg.transport, samples=cfg.samples,
-                        mode=cfg.mode, stream=cfg.stream, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed,
-                        dtype=cfg.dtype, partition=",".join(map(str, partition.sizes)),
-                        microbatches=cfg.microbatches, threads=cfg.threads, pin_cores=cfg.pin_cores)
+    run_cfg = real_run_config(cfg, partition.sizes)
     base_cfg = replace(run_cfg, schedule="sequential", devices=str(devices[0]), partition="minmax", microbatches=None)
     with_baseline = cfg.baseline and schedule.num_devices > 1  # the measured sequential baseline, one device
     runs, base_makespans = [], []

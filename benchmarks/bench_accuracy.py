@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from partime_sim.analysis.compare import CompareConfig, compare, predict
+from partime_sim.analysis.compare import CompareConfig, compare, predict, real_run_config
 from partime_sim.backends.profiler import Profile, calibrate_message_costs, profile
-from partime_sim.backends.run import RunConfig, run_config
+from partime_sim.backends.run import run_config
 from partime_sim.metrics import summarize
 
 SET = Path(__file__).with_name("accuracy_set.json")
@@ -67,19 +67,18 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
             paths[key] = str(tmp / f"{rnd}-{len(paths)}.json")
             profiles[key][sources[0]].save(paths[key])
         samples = spec["samples"][cfg["mode"]] // samples_div
-        result = compare(CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples,
-                                       mode=cfg["mode"], transport="distributed", profile=paths[key],
-                                       microbatches=cfg.get("microbatches"), threads=1, baseline=False,
-                                       learning=False, message_costs="measured"))  # the profile as prepared
+        cmp_cfg = CompareConfig(cfg["network"], cfg["schedule"], cfg["devices"], samples=samples, mode=cfg["mode"],
+                                transport="distributed", profile=paths[key], microbatches=cfg.get("microbatches"),
+                                threads=1, baseline=False, learning=False,
+                                message_costs="measured")  # the profile as prepared
+        result = compare(cmp_cfg)
         stages = result.predicted["devices"]
         split = ",".join(map(str, result.predicted["partition"]))
         predicted.append((result.predicted["throughput_sps"],
                           *(predict(profiles[key][s], cfg["schedule"], stages, samples, cfg["mode"],
                                     cfg.get("microbatches"), split)[0]["throughput_sps"] for s in sources[1:])))
         measured.append([result.measured["throughput_sps"]])
-        again.append((RunConfig(cfg["network"], cfg["schedule"], cfg["devices"], transport="distributed",
-                                samples=samples, mode=cfg["mode"], partition=split,
-                                microbatches=cfg.get("microbatches"), threads=1), stages))
+        again.append((real_run_config(cmp_cfg, result.predicted["partition"]), stages))
     for _ in range(runs - 1):  # the further runs, pass by pass, with the first run's split
         for each, (run_cfg, stages) in zip(measured, again):
             each.append(summarize(run_config(run_cfg)[1].trace, num_devices=stages)["throughput_sps"])
