@@ -34,7 +34,7 @@ import torch
 from partime_sim.backends.affinity import bind_worker
 from partime_sim.backends.pipeline import Job, run_worker, worker_error
 from partime_sim.errors import ConfigError
-from partime_sim.backends.transport import DistributedTransport, directed_groups
+from partime_sim.backends.transport import DistributedTransport, TokenBarrier, barrier_pairs, directed_groups
 
 KILL_GRACE_S = 2.0  # after the first failure, how long the others get before SIGKILL
 INIT_TIMEOUT_S = 60  # process group rendezvous and collectives
@@ -123,13 +123,15 @@ def worker_process(jobs: list[Job], rank: int, world: int, init_method: str | No
     importlib.import_module("torch._dynamo")  # torch.optim imports it on first use: pay that before the clock starts
     try:
         pairs = [(peer, r) for job in jobs for r in range(world) for peer in job.workers.incoming[r]]
-        groups = directed_groups(pairs, device)
+        token_barriers = device.type == "cpu" and any(job.barriers() for job in jobs)
+        groups = directed_groups(pairs + (barrier_pairs(world) if token_barriers else []), device)
         clock_group = dist.new_group(backend="gloo") if backend != "gloo" else None  # CPU timestamps
         gathered = []
         for job in jobs:
             # before the transport posts its receives, which would take the sync's messages
             origin = common_origin_ns(rank, world, group=clock_group)
-            transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank), groups)
+            barrier = TokenBarrier(rank, world, groups, job.barriers()) if token_barriers else None
+            transport = DistributedTransport(rank, device, job.dtype, job.incoming(rank), groups, barrier)
             dist.barrier()
             part = {**run_worker(job, rank, transport, origin), "cores": cores}
             parts = [None] * world if rank == 0 else None

@@ -138,6 +138,12 @@ class Job:
     cuda_graphs: bool = False  # inference forwards replayed from one CUDA graph per stage
     pin_cores: bool = True  # distributed CPU workers: each bound to cores of its own (backends/affinity.py)
 
+    def barriers(self) -> int:
+        """How many barriers every worker meets in this job's waves (``partime``'s ticks)."""
+        lo, hi = self.waves
+        s = self.schedule
+        return int(np.count_nonzero((s.kind == BARRIER) & (s.wave >= lo) & (s.wave < hi)))
+
     def incoming(self, rank: int) -> dict[int, list[tuple[int, tuple[int, ...]]]]:
         """The messages rank receives in this job's waves (sent by tasks of those waves)."""
         lo, hi = self.waves

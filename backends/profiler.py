@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from partime_sim.backends.affinity import bind_worker
-from partime_sim.backends.transport import lookahead
+from partime_sim.backends.transport import TokenBarrier, lookahead
 from partime_sim.catalogue import PROFILE_KIND, is_profile, profile_part
 from partime_sim.cluster import Cluster, Device, Link, barrier_rounds
 from partime_sim.errors import ConfigError, PartimeError
@@ -656,7 +656,9 @@ def _link_worker(rank: int, port: int, sizes: Sequence[int], warmup: int, repeat
         groups = directed_groups([(0, 1), (1, 0)], torch.device("cpu"))
         barriers = []
         for at in (skews, (0.0,)):
-            mine = torch.from_numpy(_tick_stamps(rank, dist, rounds, at, _TickMessages(rank, dist, groups, mode)))
+            ticks = TokenBarrier(rank, 2, groups, rounds)  # the barrier the backend's lockstep runs use
+            mine = torch.from_numpy(_tick_stamps(rank, ticks, rounds, at, _TickMessages(rank, dist, groups, mode, rounds)))
+            ticks.finish()
             if rank == 1:
                 dist.send(mine, 0)
             else:
@@ -739,23 +741,27 @@ class _TickMessages:
     """The messages of a lockstep tick in ``mode``, as the backend's workers send them: each
     stage's output goes out before the barrier (training both ways, an activation and a
     gradient; inference 0 -> 1) over a group per direction (``directed_groups``), and the
-    receiver takes it after the barrier, its receives posted ``lookahead`` ticks ahead.
+    receiver takes it after the barrier, its receives posted up front as the transport posts them.
 
     Why: the barrier timed alone missed what the tick's messages add to it; with them it cost
     lenet-sized ticks 0.04-0.15 ms more in training (the receive waits after the barrier, the
     barrier's own messages behind the data), 0-0.07 ms in inference."""
 
-    def __init__(self, rank: int, dist: Any, groups: dict[tuple[int, int], Any], mode: str,
+    def __init__(self, rank: int, dist: Any, groups: dict[tuple[int, int], Any], mode: str, ticks: int,
                  floats: int = 256) -> None:
-        self.dist, self.peer = dist, 1 - rank
+        self.dist, self.peer, self.ticks = dist, 1 - rank, ticks
         self.out_group, self.in_group = groups[(rank, self.peer)], groups[(self.peer, rank)]
         self.sends, self.recvs = mode == "train" or rank == 0, mode == "train" or rank == 1
         self.msg, self.sent = torch.zeros(floats), []
-        self.ahead = lookahead(self.msg.device, _nbytes(self.msg))
-        self.posted = collections.deque(self._post() for _ in range(self.ahead if self.recvs else 0))
+        self.next_post = 0
+        self.posted: collections.deque = collections.deque()
+        for _ in range(min(lookahead(self.msg.device, _nbytes(self.msg)), ticks) if self.recvs else 0):
+            self._post()
 
-    def _post(self) -> Any:
-        return self.dist.irecv(torch.empty_like(self.msg), self.peer, group=self.in_group)
+    def _post(self) -> None:
+        if self.next_post < self.ticks:
+            self.posted.append(self.dist.irecv(torch.empty_like(self.msg), self.peer, group=self.in_group))
+            self.next_post += 1
 
     def send(self) -> None:
         if self.sends:
@@ -764,12 +770,10 @@ class _TickMessages:
     def receive(self) -> None:
         if self.recvs:
             self.posted.popleft().wait()
-            self.posted.append(self._post())
+            self._post()
 
     def close(self) -> None:
-        """The peer posted ``ahead`` receives past the last tick: send them, then wait for everything."""
-        for _ in range(self.ahead):
-            self.send()
+        """Wait for every message sent and received (one per tick each way)."""
         for work in [*self.sent, *self.posted]:
             work.wait()
 

@@ -22,8 +22,9 @@ from partime_sim.errors import PartimeError
 
 POLL_S = 0.05  # how often a blocked local worker looks at the abort flag
 LOOKAHEAD = 4  # receives posted ahead per peer (distributed, NCCL), so transfers overlap compute
-GLOO_LOOKAHEAD = 64  # ...on gloo (CPU) this many, the sender's credit (see ``lookahead``)...
+GLOO_LOOKAHEAD = 8192  # ...on gloo (CPU) up to this many, in practice a whole run's (see ``lookahead``)...
 GLOO_LOOKAHEAD_BYTES = 64 * 2**20  # ...but at most this many bytes of posted buffers per peer (at least LOOKAHEAD)
+TOKEN_TAG = 1  # the tag of a gloo barrier's tokens (``TokenBarrier``); messages go with tag 0
 
 
 class Aborted(PartimeError):
@@ -116,16 +117,78 @@ def directed_groups(pairs: list[tuple[int, int]], device: torch.device) -> dict[
 def lookahead(device: torch.device, nbytes: int) -> int:
     """Receives to post ahead per peer for messages of at most ``nbytes`` on ``device``.
 
-    Why more than a few on gloo: a gloo send goes out at once, from the caller, only if the
-    sender's communication thread has already read the receiver's "receive posted" notice;
-    otherwise the data waits until that thread runs, and while the sender's main thread
-    computes it can wait for the core up to a scheduler tick (~4 ms). On raw isend/irecv with 4
-    receives posted, 1-2% of a busy sender's messages came 2-5 ms late, with 32 none did; through
-    this transport, in a noisier hour, 3.3% -> 2.2% (BENCHMARKS.md, backend part g). NCCL keeps
-    ``LOOKAHEAD`` (each posted receive is a kernel queued on the pair's stream)."""
+    Why all of a run's on gloo (up to ``GLOO_LOOKAHEAD`` and ``GLOO_LOOKAHEAD_BYTES``), posted
+    before it starts: posting a receive, like sending, holds the gloo pair's lock while it writes
+    to the socket. gloo's communication thread, woken by a message or notice arriving on that
+    pair at that moment, finds the lock taken, skips the pair and polls again at once (a
+    level-triggered epoll): a spin that, sharing the worker's core, keeps the lock holder off it
+    until the next scheduler tick (~4 ms). A receive posted as the previous one is taken lands
+    in exactly that window in a burst of messages: lenet ``gpipe`` training ran 20% slower than
+    ``1f1b`` that way, with 15 messages per 300-sample run a tick late (BENCHMARKS.md). Posted
+    before the run, the main thread never takes a pair's lock while a message can arrive on it
+    (a sender's pair gets no notices during the run either), and a sender never waits for one.
+    NCCL keeps ``LOOKAHEAD`` (each posted receive is a kernel queued on the pair's stream)."""
     if device.type != "cpu":
         return LOOKAHEAD
     return max(LOOKAHEAD, min(GLOO_LOOKAHEAD, GLOO_LOOKAHEAD_BYTES // max(nbytes, 1)))
+
+
+def barrier_pairs(world: int) -> list[tuple[int, int]]:
+    """The (src, dst) pairs a ``TokenBarrier`` of ``world`` ranks sends tokens over."""
+    return sorted({(r, (r + 2**k) % world) for r in range(world) for k in range(math.ceil(math.log2(world)))}) \
+        if world > 1 else []
+
+
+class TokenBarrier:
+    """A barrier of all ranks on gloo made of point-to-point tokens (a dissemination barrier:
+    in round k each rank sends a token to rank + 2^k and waits for rank - 2^k's) over the
+    directed groups (``directed_groups`` with ``barrier_pairs``), with the tokens of ``count``
+    barriers received into receives posted up front (tag ``TOKEN_TAG``).
+
+    Why not ``dist.barrier()``: gloo's barrier sends and receives on one connection at once, the
+    case where its communication thread spins behind the pair's lock (``lookahead``): two ranks
+    that reached it within ~0.05 ms of each other stalled now and then for a scheduler tick. With
+    this barrier lenet's lockstep ``partime`` ran 13% (training) and 22% (inference) faster than
+    with gloo's (BENCHMARKS.md)."""
+
+    def __init__(self, rank: int, world: int, groups: dict[tuple[int, int], Any], count: int) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.count, self.done = dist, count, 0
+        steps = range(math.ceil(math.log2(world))) if world > 1 else range(0)
+        self.rounds = [((rank + 2**k) % world, (rank - 2**k) % world) for k in steps]
+        self.groups, self.rank = groups, rank
+        self.token = torch.zeros(1)
+        self.sends: collections.deque = collections.deque()
+        self.posted: list[collections.deque] = [collections.deque() for _ in self.rounds]
+        self.next_post = [0] * len(self.rounds)
+        for k in range(len(self.rounds)):
+            for _ in range(min(count, GLOO_LOOKAHEAD)):
+                self._post(k)
+
+    def _post(self, k: int) -> None:
+        if self.next_post[k] < self.count:
+            src = self.rounds[k][1]
+            self.posted[k].append(self.dist.irecv(torch.empty(1), src, group=self.groups[(src, self.rank)],
+                                                  tag=TOKEN_TAG))
+            self.next_post[k] += 1
+
+    def barrier(self) -> None:
+        if self.done >= self.count:
+            raise PartimeError(f"rank {self.rank}: barrier {self.done + 1} of {self.count} planned; "
+                               "count every barrier of the run when making the TokenBarrier")
+        for k, (dst, _) in enumerate(self.rounds):
+            self.sends.append(self.dist.isend(self.token, dst, group=self.groups[(self.rank, dst)], tag=TOKEN_TAG))
+            self.posted[k].popleft().wait()
+            self._post(k)
+        self.done += 1
+        while self.sends and self.sends[0].is_completed():
+            self.sends.popleft()
+
+    def finish(self) -> None:
+        """Wait for every token sent (the peers take them in their last barriers)."""
+        while self.sends:
+            self.sends.popleft().wait()
 
 
 class DistributedTransport:
@@ -135,21 +198,22 @@ class DistributedTransport:
     message this rank receives from ``src``; receives are posted ``lookahead`` ahead. gloo and
     NCCL match messages per pair in posting order, so no tags are needed. ``groups`` maps
     (src, dst) to that direction's group (``directed_groups``); without it every message goes
-    over the default group.
+    over the default group. ``barrier`` (gloo) replaces ``dist.barrier()`` for the run's barriers.
     """
 
     def __init__(self, rank: int, device: torch.device, dtype: torch.dtype,
                  incoming: dict[int, list[tuple[int, tuple[int, ...]]]],
-                 groups: dict[tuple[int, int], Any] | None = None) -> None:
+                 groups: dict[tuple[int, int], Any] | None = None, barrier: TokenBarrier | None = None) -> None:
         self.rank, self.device, self.dtype = rank, device, dtype
         self.groups = groups or {}
+        self.token_barrier = barrier
         self.pending_sends: collections.deque = collections.deque()
         self.incoming = incoming
         self.next_post = {src: 0 for src in incoming}
         self.posted: dict[int, tuple[Any, torch.Tensor]] = {}
         for src, messages in incoming.items():
             largest = max((math.prod(shape) for _, shape in messages), default=0) * dtype.itemsize
-            for _ in range(lookahead(device, largest)):
+            for _ in range(min(lookahead(device, largest), len(messages))):
                 self._post(src)
 
     def _post(self, src: int) -> None:
@@ -181,10 +245,15 @@ class DistributedTransport:
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier()
+        if self.token_barrier is not None:
+            self.token_barrier.barrier()
+        else:
+            dist.barrier()
 
     def finish(self) -> None:
         """Wait for every send to be delivered (buffers must live until then)."""
         while self.pending_sends:
             work, _ = self.pending_sends.popleft()
             work.wait()
+        if self.token_barrier is not None:
+            self.token_barrier.finish()
