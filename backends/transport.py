@@ -98,9 +98,11 @@ def directed_groups(pairs: list[tuple[int, int]], device: torch.device) -> dict[
     Why: NCCL runs all point-to-point work between two ranks on one stream in posting order,
     and a receive kernel waits for its send; with receives posted ahead in both directions, two
     ranks would each wait behind a receive for a send queued behind the other's receive. A
-    group per direction keeps each stream one-way. On gloo it keeps the messages off the
-    connection the lockstep barrier uses: sharing it, messages both ways stalled 12-17% of the
-    ticks for ~4 ms (BENCHMARKS.md, backend part e). On a GPU the pair communicators are built
+    group per direction keeps each stream one-way. On gloo it keeps each connection one-way
+    during a run (data one way; the receive notices, all sent before the run, the other), so no
+    thread takes a pair's lock while a message arrives on it (``lookahead``): messages both
+    ways on gloo's barrier connection stalled 12-17% of the ticks for ~4 ms (BENCHMARKS.md,
+    backend part e). A ``TokenBarrier``'s tokens ride these groups too (their own tag). On a GPU the pair communicators are built
     here, eagerly, by a tiny all-reduce per group in one global order (deadlock-free), rather
     than by the first receive, which would block until the peer's first send."""
     import torch.distributed as dist

@@ -21,7 +21,7 @@ from partime_sim.backends.launch import run_spawned
 from partime_sim.backends.pipeline import WorkerError, assemble, make_job, run_pipeline
 from partime_sim.cli import main
 from partime_sim.emulator_torch import emulate_torch
-from partime_sim.errors import ConfigError
+from partime_sim.errors import ConfigError, PartimeError
 from partime_sim.generators import generate
 from partime_sim.metrics import summarize
 from partime_sim.models import build_torch_model, split_stages
@@ -399,6 +399,74 @@ def test_gloo_receives_are_posted_far_ahead_within_a_byte_budget() -> None:
     assert lookahead(cpu, GLOO_LOOKAHEAD_BYTES // 10) == 10
     assert lookahead(cpu, GLOO_LOOKAHEAD_BYTES) == LOOKAHEAD  # 1 would fit; the floor holds
     assert lookahead(torch.device("cuda", 0), 4096) == LOOKAHEAD
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 8, 9])
+def test_token_barrier_rounds_reach_every_rank_over_its_groups(monkeypatch, world: int) -> None:
+    """Dissemination: after a TokenBarrier's rounds every rank has heard, through the chain of
+    tokens, from every rank (so none leaves before all arrived), each token over a pair that
+    ``barrier_pairs`` makes a group for."""
+    from partime_sim.backends.transport import TokenBarrier, barrier_pairs
+
+    monkeypatch.setattr(torch.distributed, "irecv", lambda *a, **k: None)
+    pairs = set(barrier_pairs(world))
+    groups = {pair: object() for pair in pairs}
+    rounds = [TokenBarrier(r, world, groups, 0).rounds for r in range(world)]
+    heard = [{r} for r in range(world)]
+    for k in range(len(rounds[0])):
+        for r in range(world):
+            dst, src = rounds[r][k]
+            assert (r, dst) in pairs and (src, r) in pairs and rounds[src][k][0] == r
+        heard = [heard[r] | heard[rounds[r][k][1]] for r in range(world)]
+    assert all(h == set(range(world)) for h in heard)
+    assert len(rounds[0]) == (world - 1).bit_length()  # ceil(log2(world)) rounds
+
+
+def test_token_barrier_posts_its_tokens_up_front_and_counts_its_barriers(monkeypatch) -> None:
+    """Receives for ``count`` barriers' tokens, at most GLOO_LOOKAHEAD posted up front and one more
+    per barrier until all are; tokens go out tagged TOKEN_TAG; a barrier past the count fails."""
+    from partime_sim.backends import transport as tmod
+
+    posts, sends = [], []
+
+    class FakeWork:
+        def wait(self) -> None:
+            pass
+
+        def is_completed(self) -> bool:
+            return True
+
+    def irecv(buf, src, group=None, tag=0):
+        posts.append((src, tag))
+        return FakeWork()
+
+    def isend(buf, dst, group=None, tag=0):
+        sends.append((dst, tag))
+        return FakeWork()
+
+    monkeypatch.setattr(torch.distributed, "irecv", irecv)
+    monkeypatch.setattr(torch.distributed, "isend", isend)
+    monkeypatch.setattr(tmod, "GLOO_LOOKAHEAD", 3)
+    b = tmod.TokenBarrier(1, 2, {(0, 1): object(), (1, 0): object()}, 5)
+    assert posts == [(0, tmod.TOKEN_TAG)] * 3
+    for i in range(5):
+        b.barrier()
+        assert len(posts) == min(3 + i + 1, 5)
+    assert sends == [(0, tmod.TOKEN_TAG)] * 5
+    with pytest.raises(PartimeError, match="barrier 6 of 5"):
+        b.barrier()
+
+
+def test_distributed_lockstep_ticks_do_not_overlap_across_three_workers() -> None:
+    """``partime`` on 3 processes (a two-round TokenBarrier): no worker starts a tick's tasks
+    before every worker has ended the previous tick's (one clock: one machine)."""
+    sched, stages, devices = _case("partime", 3)
+    job = make_job(sched, stages, STREAM.x, STREAM.y, devices=devices)
+    trace = assemble(job, run_spawned([job])[0], 0.0, "distributed").trace
+    work = trace[trace["device"] >= 0]
+    by_tick = work.groupby("tick").agg(first=("start", "min"), last=("end", "max"))
+    assert len(by_tick) > 10 and work["device"].nunique() == 3
+    assert (by_tick["first"].to_numpy()[1:] >= by_tick["last"].to_numpy()[:-1]).all()
 
 
 def test_distributed_transport_posts_its_lookahead_of_receives(monkeypatch) -> None:
