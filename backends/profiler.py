@@ -1030,14 +1030,30 @@ MESSAGE_CALIBRATION_SAMPLES = 300
 MESSAGE_COST_MAX_S = 1e-3  # the bisection's upper end: a message end costing more is not a CPU pipeline's
 
 
-def with_message_costs(prof: Profile, cost_s: float) -> Profile:
-    """``prof`` with every link charging ``cost_s`` at each end of a message."""
+def with_message_costs(prof: Profile, cost_s: float, tokens: bool = True) -> Profile:
+    """``prof`` with every link charging ``cost_s`` at each end of a message and, with ``tokens``,
+    every barrier round ``cost_s`` more than the profile measured (its token is a message).
+
+    Why the tokens: on CPU processes a lockstep barrier is a ``TokenBarrier``, one message per
+    round to each rank, and a rank pays for taking one what it pays for any message (its core's
+    communication thread scheduled in, its wait woken), which the profile's tick calibration,
+    timed around a busy loop, does not see. Without them lenet's lockstep ``partime`` was
+    predicted 20% (inference) and 9% (training) faster than it ran (BENCHMARKS.md, session 28)."""
     def charged(link: Link) -> Link:
         return dataclasses.replace(link, send_cost_s=cost_s, recv_cost_s=cost_s)
 
-    cluster = dataclasses.replace(prof.cluster, link=charged(prof.cluster.link),
-                                  links={k: charged(v) for k, v in prof.cluster.links.items()})
-    return dataclasses.replace(prof, cluster=cluster, meta={**prof.meta, "message_cost_s": cost_s})
+    c, meta = prof.cluster, prof.meta
+    rounds = barrier_rounds(c.num_devices)
+    token = cost_s if tokens else 0.0
+    per_round = meta.get("barrier_per_round_s", c.barrier_s / max(rounds, 1))
+    close_per_round = meta.get("barrier_close_per_round_s", c.barrier_close_s / max(rounds, 1))
+    barrier = {"barrier_s": rounds * (per_round + token)}
+    if c.barrier_close_window_s > 0:
+        barrier["barrier_close_s"] = rounds * (close_per_round + token)
+    cluster = dataclasses.replace(c, link=charged(c.link), links={k: charged(v) for k, v in c.links.items()},
+                                  **barrier)
+    return dataclasses.replace(prof, cluster=cluster, meta={**meta, "message_cost_s": cost_s,
+                                                            "barrier_token_s": token})
 
 
 def cost_for_throughput(predict_sps: Callable[[float], float], target_sps: float, high_s: float = MESSAGE_COST_MAX_S,
@@ -1060,7 +1076,7 @@ def backend_message_costs_apply(meta: dict[str, Any]) -> bool:
 
 def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                             samples: int = MESSAGE_CALIBRATION_SAMPLES,
-                            schedule: str = MESSAGE_CALIBRATION_SCHEDULE) -> Profile:
+                            schedule: str = MESSAGE_CALIBRATION_SCHEDULE, tokens: bool = True) -> Profile:
     """The per-end message cost taken from the backend itself: ``runs`` real 2-process
     ``schedule`` runs (``pipedream`` by default; in the profile's mode) of the profiled network at
     the profile's own 2-stage split, and the cost at which the profile predicts their median
@@ -1077,7 +1093,8 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     distributed transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
     8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24; after the
     thread fix of session 25, 7.8% against 9.7%, and 9.1% fitted to ``layerpipe`` runs instead; session 26,
-    three runs per configuration, 5.7% against 7.4%)."""
+    three runs per configuration, 5.7% against 7.4%). With ``tokens`` a barrier round costs one
+    fitted message end more (``with_message_costs``)."""
     from partime_sim.analysis.compare import predict
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
@@ -1108,7 +1125,7 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                       f"predicts even at {MESSAGE_COST_MAX_S * 1e3:g} ms per message end, so the fitted cost is "
                       "clamped there: the machine was probably busy; calibrate again on a quiet machine or use "
                       "--message-costs measured", RuntimeWarning, stacklevel=2)
-    calibrated = with_message_costs(prof, cost)
+    calibrated = with_message_costs(prof, cost, tokens)
     calibrated.meta["message_cost_calibration"] = {
         "schedule": schedule, "partition": [int(n) for n in sizes], "samples": samples,
         "throughput_sps": measured, "measured_cost_s": [prof.cluster.link.send_cost_s, prof.cluster.link.recv_cost_s]}

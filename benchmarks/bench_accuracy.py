@@ -35,14 +35,15 @@ import numpy as np
 import torch
 
 from partime_sim.analysis.compare import CompareConfig, compare, predict, real_run_config
-from partime_sim.backends.profiler import Profile, calibrate_message_costs, profile
+from partime_sim.backends.profiler import Profile, calibrate_message_costs, profile, with_message_costs
 from partime_sim.backends.run import run_config
 from partime_sim.metrics import summarize
 
 SET = Path(__file__).with_name("accuracy_set.json")
 FIT_SCHEDULES = {"backend": {"train": "pipedream", "infer": "pipedream"},  # source -> mode -> fitted schedule
                  "backend-layerpipe": {"train": "layerpipe", "infer": "pipedream"}}
-SOURCES = ("measured", *FIT_SCHEDULES)
+UNTOKENED = "backend-no-tokens"  # the "backend" profile with barriers as measured, no token cost (paired)
+SOURCES = ("measured", *FIT_SCHEDULES, UNTOKENED)
 
 
 def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
@@ -63,7 +64,10 @@ def one_round(spec: dict, samples_div: int, tmp: Path, rnd: int,
         if key not in profiles:
             prof = profile(cfg["network"], ["cpu", "cpu"], "distributed", mode=cfg["mode"], threads=1)
             profiles[key] = {source: prof if source == "measured" else calibrate_message_costs(
-                prof, schedule=FIT_SCHEDULES[source][cfg["mode"]]) for source in sources}
+                prof, schedule=FIT_SCHEDULES[source][cfg["mode"]]) for source in sources if source != UNTOKENED}
+            if UNTOKENED in sources:
+                fitted = profiles[key]["backend"]
+                profiles[key][UNTOKENED] = with_message_costs(fitted, fitted.meta["message_cost_s"], tokens=False)
             paths[key] = str(tmp / f"{rnd}-{len(paths)}.json")
             profiles[key][sources[0]].save(paths[key])
         samples = spec["samples"][cfg["mode"]] // samples_div
@@ -126,6 +130,9 @@ def main() -> None:
     if unknown or len(set(sources)) != len(sources):
         parser.error(f"--message-costs {args.message_costs!r}: give distinct sources from {', '.join(SOURCES)} "
                      "(or both)")
+    if UNTOKENED in sources and "backend" not in sources[:sources.index(UNTOKENED)]:
+        parser.error(f"--message-costs {args.message_costs!r}: {UNTOKENED} is derived from the backend profile; "
+                     f"list backend before it (e.g. measured,backend,{UNTOKENED})")
     spec = json.loads(SET.read_text())
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"Python {platform.python_version()}; date {date.today()}; {repeats} round(s), "

@@ -494,6 +494,27 @@ def test_with_message_costs_charges_every_link_at_both_ends() -> None:
     assert prof.cluster.link.send_cost_s == 0.0  # the given profile is left as it was
 
 
+def test_with_message_costs_charges_each_barrier_round_a_token_once() -> None:
+    from partime_sim.cluster import resize_profiled
+
+    prof = _profile()
+    prof = dataclasses.replace(prof, meta={**prof.meta, "barrier_per_round_s": 2e-4, "barrier_close_per_round_s": 9e-4})
+    charged = with_message_costs(prof, 1e-4)
+    assert charged.cluster.barrier_s == pytest.approx(3e-4) and charged.cluster.barrier_close_s == pytest.approx(1e-3)
+    assert charged.meta["barrier_token_s"] == 1e-4
+    again = with_message_costs(charged, 5e-5)  # from the measured barrier, not on top of an earlier token
+    assert again.cluster.barrier_s == pytest.approx(2.5e-4) and again.cluster.barrier_close_s == pytest.approx(9.5e-4)
+    plain = with_message_costs(charged, 1e-4, tokens=False)
+    assert (plain.cluster.barrier_s, plain.cluster.barrier_close_s) == (2e-4, 9e-4)
+    assert plain.meta["barrier_token_s"] == 0.0
+    four = resize_profiled(charged.cluster, 4)  # two dissemination rounds: two tokens per rank
+    assert four.barrier_s == pytest.approx(2 * 3e-4)
+    sched = generate("partime", 2, 20, "infer")
+    tokened, untokened = (simulate(sched, prof.network, p.cluster, even_partition(prof.network.num_layers, 2)).makespan
+                          for p in (charged, plain))
+    assert tokened > untokened  # 21 barriers, each 0.1 ms dearer
+
+
 def test_backend_message_costs_need_cpu_processes_on_the_distributed_transport() -> None:
     prof = _profile()
     assert backend_message_costs_apply({"mode": "infer", "transport": "distributed", "devices": ["cpu", "cpu"]})
