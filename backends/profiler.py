@@ -1038,7 +1038,7 @@ def with_message_costs(prof: Profile, cost_s: float, tokens: bool = True) -> Pro
     round to each rank, and a rank pays for taking one what it pays for any message (its core's
     communication thread scheduled in, its wait woken), which the profile's tick calibration,
     timed around a busy loop, does not see. Without them lenet's lockstep ``partime`` was
-    predicted 20% (inference) and 9% (training) faster than it ran (BENCHMARKS.md, session 28)."""
+    predicted 20% (inference) and 13% (training) faster than it ran (BENCHMARKS.md, session 28)."""
     def charged(link: Link) -> Link:
         return dataclasses.replace(link, send_cost_s=cost_s, recv_cost_s=cost_s)
 
@@ -1076,7 +1076,7 @@ def backend_message_costs_apply(meta: dict[str, Any]) -> bool:
 
 def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                             samples: int = MESSAGE_CALIBRATION_SAMPLES,
-                            schedule: str = MESSAGE_CALIBRATION_SCHEDULE, tokens: bool = True) -> Profile:
+                            schedule: str = MESSAGE_CALIBRATION_SCHEDULE) -> Profile:
     """The per-end message cost taken from the backend itself: ``runs`` real 2-process
     ``schedule`` runs (``pipedream`` by default; in the profile's mode) of the profiled network at
     the profile's own 2-stage split, and the cost at which the profile predicts their median
@@ -1093,8 +1093,8 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
     distributed transport, either mode; ``compare``'s default there (paired over the whole accuracy set,
     8 rounds: MAPE 6.6% against 9.0%, better in every round; BENCHMARKS.md, session 24; after the
     thread fix of session 25, 7.8% against 9.7%, and 9.1% fitted to ``layerpipe`` runs instead; session 26,
-    three runs per configuration, 5.7% against 7.4%). With ``tokens`` a barrier round costs one
-    fitted message end more (``with_message_costs``)."""
+    three runs per configuration, 5.7% against 7.4%). A barrier round costs one fitted message end
+    more (its token; ``with_message_costs``)."""
     from partime_sim.analysis.compare import predict
     from partime_sim.backends.run import RunConfig, run_config
     from partime_sim.metrics import summarize
@@ -1125,7 +1125,7 @@ def calibrate_message_costs(prof: Profile, runs: int = MESSAGE_CALIBRATION_RUNS,
                       f"predicts even at {MESSAGE_COST_MAX_S * 1e3:g} ms per message end, so the fitted cost is "
                       "clamped there: the machine was probably busy; calibrate again on a quiet machine or use "
                       "--message-costs measured", RuntimeWarning, stacklevel=2)
-    calibrated = with_message_costs(prof, cost, tokens)
+    calibrated = with_message_costs(prof, cost)
     calibrated.meta["message_cost_calibration"] = {
         "schedule": schedule, "partition": [int(n) for n in sizes], "samples": samples,
         "throughput_sps": measured, "measured_cost_s": [prof.cluster.link.send_cost_s, prof.cluster.link.recv_cost_s]}

@@ -102,9 +102,10 @@ def directed_groups(pairs: list[tuple[int, int]], device: torch.device) -> dict[
     during a run (data one way; the receive notices, all sent before the run, the other), so no
     thread takes a pair's lock while a message arrives on it (``lookahead``): messages both
     ways on gloo's barrier connection stalled 12-17% of the ticks for ~4 ms (BENCHMARKS.md,
-    backend part e). A ``TokenBarrier``'s tokens ride these groups too (their own tag). On a GPU the pair communicators are built
-    here, eagerly, by a tiny all-reduce per group in one global order (deadlock-free), rather
-    than by the first receive, which would block until the peer's first send."""
+    backend part e). A ``TokenBarrier``'s tokens ride these groups too (their own tag). On a
+    GPU the pair communicators are built here, eagerly, by a tiny all-reduce per group in one
+    global order (deadlock-free), rather than by the first receive, which would block until the
+    peer's first send."""
     import torch.distributed as dist
 
     groups = {pair: dist.new_group(list(pair)) for pair in sorted(set(pairs))}

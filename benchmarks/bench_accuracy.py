@@ -18,7 +18,8 @@ misses.
 
 Run: python benchmarks/bench_accuracy.py [--quick] [--repeats R] [--runs N] [--message-costs SOURCE[,SOURCE...]]
 (prints Markdown for BENCHMARKS.md; several sources predict every run with each profile, paired;
-``both`` = ``measured,backend``)
+``both`` = ``measured,backend``; ``backend-no-tokens``, listed after ``backend``, is its profile
+with the barrier as measured, no token cost)
 """
 
 from __future__ import annotations
