@@ -58,6 +58,19 @@ class Settings:
         return 1 if self.quick else 2
 
     @property
+    def gpu_network(self) -> str:
+        """V.A's network on the GPU (``measured_gpu``): PARTIME's 256x256 frames (64x64 in quick)."""
+        return "partime-conv30@64" if self.quick else "partime-conv30@256"
+
+    @property
+    def gpu_samples(self) -> int:
+        return 60 if self.quick else 300
+
+    @property
+    def gpu_stages(self) -> tuple[int, ...]:
+        return (2,) if self.quick else (2, 4, 8)
+
+    @property
     def transport(self) -> str:
         """Real runs: one process per stage (full), threads of this process (quick: no spawn)."""
         return "local" if self.quick else "distributed"

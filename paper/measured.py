@@ -31,13 +31,15 @@ def _load() -> float:
 def _cuda_text() -> str:
     import torch
 
-    where = (f"a GPU is visible ({torch.cuda.get_device_name(0)}), but this reproduction measures CPU runs only"
-             if torch.cuda.is_available() else "this machine has no GPU (`torch.cuda.is_available()` is False)")
-    return (f"**With/without CUDA graphs (paper V.A-V.C).** Not measured here: {where}. "
-            "`python benchmarks/bench_gpu.py` measures it on a GPU (V.A's net at 256x256, streams of 2/4/8 stages "
-            "on one GPU, `--cuda-graphs` on and off; an H100's figures are in BENCHMARKS.md). The simulator has no "
-            "kernel-launch overhead (roofline costs), i.e. it predicts the with-CUDA-graphs end of the paper's "
-            "comparison.")
+    if torch.cuda.is_available():
+        return ("**With/without CUDA graphs (paper V.A-V.C).** Measured on this machine's GPU in the next section "
+                "(V.A's net, streams of stages on the GPU, `--cuda-graphs` on and off).")
+    return ("**With/without CUDA graphs (paper V.A-V.C).** Not measured here: this machine has no GPU "
+            "(`torch.cuda.is_available()` is False). `partime-sim paper` on a GPU machine adds a section that "
+            "measures it (V.A's net at 256x256, streams of 2/4/8 stages, `--cuda-graphs` on and off; "
+            "`python benchmarks/bench_gpu.py` prints the same table, and an H100's figures are in BENCHMARKS.md). "
+            "The simulator has no kernel-launch overhead (roofline costs), i.e. it predicts the with-CUDA-graphs "
+            "end of the paper's comparison.")
 
 
 def measured_cpu(settings: Settings) -> Experiment:
@@ -89,7 +91,7 @@ def measured_cpu(settings: Settings) -> Experiment:
         f"takes {1e3 * base / samples:.1f} ms to train on one core, so per-task runtime overhead and the "
         f"{'thread handoff' if transport == 'local' else 'gloo send/recv (tens to hundreds of us on loopback)'} "
         f"weigh more than on a GPU server, and {samples} frames through 2 stages leave 1 tick of fill. "
-        "2 is the ceiling on 2 cores"
+        "2x is the ceiling of 2 stages"
         + (" (a measured value above it means the 1-stage baseline run was slowed by other load)"
            if table["measured_speedup"].max() > 2 else "") + ". "
         f"Load average was {load_before:.1f} before and {load_after:.1f} after the runs on {cores} cores"
