@@ -1,8 +1,9 @@
 """Measured on this machine: a real 1- vs 2-stage CPU run of a reduced V.A network, next to
 its prediction.
 
-The paper measured GPUs; this machine has CPU cores only, so V.A's network is shrunk
-(smaller frames, fewer frames) until a run takes seconds. The prediction is the one
+The paper measured GPUs; any machine has CPU cores, so V.A's network is shrunk (smaller
+frames, fewer frames) until a run on them takes seconds (``measured_gpu`` measures the GPUs,
+where there are any). The prediction is the one
 ``analysis.compare`` makes: profile this machine once (per-layer costs, links, per-task
 overheads) and simulate the schedule on that profile; then the sequential baseline and the
 2-stage runs are run for real with the same partition, and both sides are measured the same
