@@ -76,8 +76,8 @@ def _document(done: list[tuple[Experiment, float]], out: Path, settings: Setting
         "PipeDream with 7-9 processors.\n\n"
         "How: timing is *predicted* by the simulator (`fast` engine, catalogue roofline costs, cluster presets); "
         "learning under staleness is *emulated* (JAX); where this machine allows it, runs are *measured* (torch "
-        "backend, on CPU, and on GPU where one is visible) and shown next to their prediction. Each section gives the paper's claim, what was run, "
-        "the table, the figure, and where and why the result differs.\n\n"
+        "backend, on CPU, and on GPU where one is visible) and shown next to their prediction. Each section gives "
+        "the paper's claim, what was run, the table, the figure, and where and why the result differs.\n\n"
         f"{summary.to_markdown(index=False)}\n\n"
     )
     return head + "\n".join(e.markdown(out) for e, _ in done)
