@@ -56,6 +56,7 @@ class DemoSizes:
     real_network: str = "partime-conv30@16"
     real_samples: int = 100
     real_baseline: bool = True  # also run the sequential baseline (measured speed-up)
+    real_repeats: int = 3  # real runs, each beside its baseline; the run of median throughput is shown
     # 3. staleness
     emu_network: str = "mlp"
     emu_samples: int = 3000
@@ -67,7 +68,7 @@ class DemoSizes:
 
 FULL = DemoSizes()
 QUICK = DemoSizes(samples=64, devices=(1, 2, 4, 8), wide_devices=(1, 1024), wide_samples=2048,
-                  real_network="mlp", real_samples=64, real_baseline=False,
+                  real_network="mlp", real_samples=64, real_baseline=False, real_repeats=2,
                   emu_samples=600, emu_stages=(2,))
 
 
@@ -171,7 +172,7 @@ def _real(out: Path, sz: DemoSizes) -> dict[str, Any]:
     from partime_sim.analysis.compare import COMPARED, CompareConfig, compare, write_report
 
     cfg = CompareConfig(sz.real_network, "partime", "cpu,cpu", samples=sz.real_samples, mode="train",
-                        transport="distributed", threads=1, baseline=sz.real_baseline)
+                        transport="distributed", threads=1, baseline=sz.real_baseline, repeats=sz.real_repeats)
     for _ in _progress([cfg], "real 2-stage run (profile, predict, run)", "run"):
         cmp = compare(cfg)
     folder = write_report(cmp, out / "real")
@@ -180,15 +181,20 @@ def _real(out: Path, sz: DemoSizes) -> dict[str, Any]:
     shown = pd.DataFrame([r for r in rows if r["metric"] in REAL_METRICS])
     shown["error"] = [_pct(v) for v in shown["error"]]
     what = (f"{sz.real_network}, partime, cpu,cpu (torch.distributed/gloo, 1 thread per process), "
-            f"{sz.real_samples} samples, train, partition {p['partition']}")
+            f"{sz.real_samples} samples, train, partition {p['partition']}"
+            + (f", median of {sz.real_repeats} runs" if sz.real_repeats > 1 else ""))
     learn = cmp.learning
     learn_line = ("" if learn is None else
                   f"learning: final loss emulated {learn['final_loss']['emulated']:.4g}, measured "
                   f"{learn['final_loss']['measured']:.4g} (max per-sample |diff| {learn['max_abs_loss_diff']:.2g})")
     lines = [f"2. Real run: {what}: predicted vs measured",
              _indent(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))]
-    if learn_line:
-        lines.append(f"   {learn_line}")
+    runs = m.get("throughput_runs_sps")
+    runs_line = "" if not runs else (f"runs: {', '.join(f'{v:.1f}' for v in runs)} samples/s (the median one is "
+                                     "shown; a shared machine moves a run 20-30%)")
+    for extra in (runs_line, learn_line):
+        if extra:
+            lines.append(f"   {extra}")
     figures = sorted(f.name for f in folder.glob("*.png"))
     table = pd.DataFrame(rows)
     table["error"] = [_pct(v) for v in table["error"]]
@@ -201,7 +207,8 @@ def _real(out: Path, sz: DemoSizes) -> dict[str, Any]:
           + (" (and the sequential baseline on one process, for the measured speed-up)" if sz.real_baseline else "")
           + ". Both traces go through the same `metrics.summarize`; error = (predicted - measured) / measured, "
           f"reported as it is (the prediction model is still being improved). Files: `real/`.\n\n"
-          f"{table.to_markdown(index=False, floatfmt='.4g', missingval='-')}\n\n"
+          + (f"Measured {runs_line.removeprefix('runs: ')}.\n\n" if runs_line else "")
+          + f"{table.to_markdown(index=False, floatfmt='.4g', missingval='-')}\n\n"
           f"Per-device utilisation:\n\n{util.to_markdown(index=False, floatfmt='.3g')}\n\n"
           + (f"Learning: {learn_line.removeprefix('learning: ')}. The emulated curve is the torch reference "
              f"emulator on the same job (same weights, stream, schedule, partition).\n\n" if learn_line else "")

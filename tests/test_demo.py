@@ -125,3 +125,14 @@ def test_staleness_study_runs_every_stage_count_on_both_streams(demo) -> None:
     seq = next(r for r in runs if r["stream"] == "shuffled:shapes" and r["schedule"] == "sequential")
     row = next(line for line in printed.splitlines() if line.split()[:1] == ["shuffled:shapes"])
     assert row.split()[1:4] == [f"{seq['mean_loss_last_10pct']:.3g}", "/", f"{seq['online_accuracy']:.2f}"]
+
+
+def test_real_run_shows_the_median_of_its_repeated_runs(demo) -> None:
+    printed, out = demo
+    m = _summary(out)["real"]["measured"]
+    runs = m["throughput_runs_sps"]
+    assert len(runs) == QUICK.real_repeats == 2
+    assert m["throughput_sps"] == sorted(runs)[0]  # of two, the lower median stands for both
+    line = next(line.strip() for line in printed.splitlines() if line.strip().startswith("runs: "))
+    assert line.startswith(f"runs: {runs[0]:.1f}, {runs[1]:.1f} samples/s")
+    assert f"Measured {runs[0]:.1f}, {runs[1]:.1f} samples/s" in (out / "report.md").read_text()
