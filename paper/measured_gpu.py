@@ -53,13 +53,13 @@ def measure_streams(network: str, samples: int, stages: Sequence[int], gpus: int
                              "cuda_graphs": graphs, "samples_per_s": measure(network, schedule, devices, samples,
                                                                             mode, graphs)})
     table = pd.DataFrame(rows)
-    key = ["mode", "cuda_graphs"]
     sequential = table[table.stages == 1]
-    eager = sequential[~sequential.cuda_graphs].set_index("mode")["samples_per_s"]
-    graphed = sequential.set_index(key)["samples_per_s"]
-    table["speedup"] = table["samples_per_s"] / table["mode"].map(eager)
-    table["speedup_vs_graphed"] = [sps / graphed[(m, True)] if (m, True) in graphed.index else float("nan")
-                                   for m, sps in zip(table["mode"], table["samples_per_s"])]
+
+    def baseline(graphs: bool) -> pd.Series:  # per row, its mode's sequential run (NaN where there is none)
+        return table["mode"].map(sequential[sequential.cuda_graphs == graphs].set_index("mode")["samples_per_s"])
+
+    table["speedup"] = table["samples_per_s"] / baseline(False)
+    table["speedup_vs_graphed"] = table["samples_per_s"] / baseline(True)
     return table
 
 
